@@ -48,7 +48,8 @@ def scalars(tree: Any, prefix: str = "") -> dict[str, float]:
 
 def main_cfg(cfg: DictConfig) -> dict:
     quiet_libraries()
-    name = f"{cfg.selector._target_.rsplit('.', 1)[-1]}-{cfg.target.name}-{cfg.budget}-s{cfg.seed}"
+    selector = cfg.selector._target_.rsplit(".", 1)[-1]
+    name = f"{selector}-{'+'.join(cfg.target)}-{cfg.budget}-s{cfg.seed}"
     tracker = Tracker(cfg, cfg.paths.output_dir, name)
     try:
         metrics = run_pipeline(cfg, tracker)

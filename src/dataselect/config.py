@@ -41,6 +41,9 @@ class ModelConfig:
     max_length: int = 512  # tokens per training example (prompt + answer); longer ones are cut
     chat_template: str | None = None  # overrides the tokenizer's template when set
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # Reference per-example costs for dry-run estimates when the cache has no measurement:
+    # {device: ..., source: ..., seconds_per_example: {train: .., featurize: .., evaluate: ..}}
+    cost: dict[str, Any] | None = None
 
 
 @dataclass
@@ -124,25 +127,40 @@ class PathsConfig:
 class PoolConfig:
     name: str = MISSING
     sources: list[Any] = field(default_factory=list)
+    size: int | None = None  # expected size, for dry-run estimates when the pool can't be read
 
 
 @dataclass
-class TargetConfig:
-    name: str = MISSING
-    answer_type: str = "number"  # number | text
-    validation: list[Any] = field(default_factory=list)
+class TaskConfig:
+    """One target task. ``cfg.target`` maps task names to these: ``target=gsm8k`` gives
+    ``{gsm8k: ...}``, ``target=[gsm8k,bbh]`` a multi-task target with both."""
+
+    answer_type: str = "number"  # number | text (see dataselect.evaluation.scoring)
+    validation: list[Any] = field(default_factory=list)  # sources, as for pools
     test: list[Any] = field(default_factory=list)
+    fewshot: list[Any] = field(default_factory=list)  # evaluation demos, matched by subtask
+    max_length: int | None = None  # token limit of validation examples (null: model's)
+
+
+@dataclass
+class DecontaminationConfig:
+    """Pool examples overlapping the target's test items are removed at selection time."""
+
+    exact: bool = True  # same normalized prompt as a test (or validation) item
+    ngram: int = 13  # also any shared word n-gram of this length with a test item; 0 = off
 
 
 @dataclass
 class RunConfig:
     stage: Stage = Stage.all
+    dry_run: bool = False  # print the plan (stages, cache hits, estimated cost) and exit
     budget: Any = 0.05  # a fraction of the pool (float) or a count (int)
     seed: int = 0
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
-    target: TargetConfig = field(default_factory=TargetConfig)
+    target: dict[str, TaskConfig] = field(default_factory=dict)
+    decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
     selector: Any = MISSING  # {_target_: dataselect.selectors...., knobs}
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
@@ -150,6 +168,9 @@ class RunConfig:
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Published numbers a preset reproduces, e.g. {bbh: 41.5, random/bbh: 38.9, source: ...};
+    # the report prints them beside ours.
+    reference: dict[str, Any] | None = None
 
 
 def register() -> None:

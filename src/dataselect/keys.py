@@ -37,6 +37,14 @@ def warmup_key(cfg: DictConfig) -> str:
     )
 
 
+def validation_spec(cfg: DictConfig) -> dict:
+    """What determines the validation examples' tokens: each task's sources and token limit."""
+    return {
+        name: {"validation": _plain(t.validation), "max_length": t.max_length}
+        for name, t in cfg.target.items()
+    }
+
+
 def features_keys(cfg: DictConfig, fc: DictConfig, checkpoint: str) -> tuple[str, str]:
     """(pool store key, validation store key) at one warmup checkpoint. The pool store is
     target-agnostic; the validation store is always SGD and depends only on the sketch."""
@@ -55,7 +63,7 @@ def features_keys(cfg: DictConfig, fc: DictConfig, checkpoint: str) -> tuple[str
         "adam_form": fc.adam_form,
         "shard_size": fc.shard_size,
     }
-    val = {**common, "validation": _plain(cfg.target.validation)}
+    val = {**common, "validation": validation_spec(cfg)}
     return content_key(pool), content_key(val)
 
 
@@ -105,7 +113,7 @@ def gist_keys(cfg: DictConfig, checkpoint: str, selector) -> tuple[str, str]:
         "model": model_spec(cfg),
         "warmup": warmup_key(cfg),
         "checkpoint": checkpoint,
-        "validation": _plain(cfg.target.validation),
+        "validation": validation_spec(cfg),
         "method": cfg.features.method,
     }
     pool = {

@@ -41,6 +41,16 @@ READERS: dict[str, Callable[[dict[str, Any], Path], list[Example]]] = {
 }
 
 
+def register_reader(kind: str):
+    """Decorator: ``@register_reader("gsm8k") def read(spec, data_dir) -> list[Example]``."""
+
+    def deco(fn: Callable[[dict[str, Any], Path], list[Example]]):
+        READERS[kind] = fn
+        return fn
+
+    return deco
+
+
 def _resolve(path: str, data_dir: Path) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path(data_dir) / p
