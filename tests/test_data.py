@@ -9,7 +9,8 @@ import pytest
 from dataselect.data.formatting import IGNORE_INDEX, tokenize_example, tokenize_examples
 from dataselect.data.readers import read_json_file, read_reasoning_gym
 from dataselect.data.records import RecordError, make_example
-from dataselect.data.sources import candidates, load_target, read_sources
+from dataselect.data.sources import read_sources
+from dataselect.data.targets import candidates, load_target
 
 
 def write_jsonl(path, rows):
@@ -80,14 +81,15 @@ def test_target_is_disjoint_and_pool_candidates_drop_target_prompts(tmp_path):
 
     same = {"kind": "reasoning_gym", "name": "gsm_symbolic", "n": 6, "seed": 7}
     cfg = OmegaConf.create(
-        {"name": "t", "validation": [same], "test": [{**same, "n": 10}], "answer_type": "number"}
+        {"t": {"validation": [same], "test": [{**same, "n": 10}], "answer_type": "number"}}
     )
     target = load_target(cfg, tmp_path)
     # the first 6 test items are the validation items (same seed) and must be gone
     assert target.stats["test_dropped_overlap"] == 6 and len(target.test) == 4
     pool = read_reasoning_gym("gsm_symbolic", 12, seed=7) + read_reasoning_gym("gcd", 3, 1)
     kept, removed = candidates(pool, target)
-    assert removed == 10 and len(kept) == 5
+    assert removed["removed"] == 10 and len(kept) == 5
+    assert removed["validation_overlap"] == 6 and removed["exact"] == 4
 
 
 def test_label_masking_puts_loss_on_assistant_tokens_only(tiny_tokenizer):

@@ -84,7 +84,9 @@ def test_number_extraction():
         ("  (B).\n", "(B)", True),
         ("True", "true", True),
         ("Yes", "No", False),
-        ("The answer is (B)", "(B)", False),  # exact match on the whole generation
+        ("The answer is (B)", "(B)", True),  # the text after "the answer is"
+        ("So the answer is (C).", "(B)", False),
+        ("(B) is wrong. So the answer is (C).", "(C)", True),  # the last "answer is" counts
     ],
 )
 def test_text_scoring(generation, gold, correct):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dataselect.data.records import make_example
-from dataselect.data.sources import Target
+from dataselect.data.targets import Target
 from dataselect.features.store import StoreWriter
 from dataselect.selectors.features import CheckpointFeatures, FeatureSet
 from dataselect.selectors.g2is import (
@@ -70,7 +70,7 @@ def hand(tmp_path):
     val = [ex("v1"), ex("v2")]
     vstore = store(tmp_path / "val", ["v1", "v2"], [(2.0, 0.0), (0.0, 0.0)])
     feats = FeatureSet([CheckpointFeatures("epoch_1", 1e-5, train, vstore)])
-    return pool, Target("t", val, val[:1]), feats
+    return pool, Target.single("t", val, val[:1]), feats
 
 
 def test_walk_matches_hand_worked_order():

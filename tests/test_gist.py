@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dataselect.data.records import make_example
-from dataselect.data.sources import Target
+from dataselect.data.targets import Target
 from dataselect.selectors.gist import (
     GISTCoords,
     GISTSelector,
@@ -61,7 +61,7 @@ def case():
     g = np.array([[1.0, 0, 5], [1, 1, 0], [0, 2, 0], [-1, 0, 0]])
     pool = [ex(f"z{i}") for i in range(1, 5)]
     coords = GISTCoords(sub, [e.id for e in pool], g @ sub.P, np.linalg.norm(g, axis=1))
-    return pool, Target("t", val, val[:1]), coords
+    return pool, Target.single("t", val, val[:1]), coords
 
 
 def test_gist_pick_equals_hand_worked_answer(case):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dataselect.data.records import make_example
-from dataselect.data.sources import Target
+from dataselect.data.targets import Target
 from dataselect.features.store import StoreMismatch, StoreWriter
 from dataselect.selectors.features import CheckpointFeatures, FeatureSet
 from dataselect.selectors.less import LESSSelector
@@ -38,7 +38,7 @@ def case(tmp_path):
     Checkpoint mean lrs 3e-5 and 1e-5 -> weights 0.75 and 0.25."""
     pool = [ex(f"z{i}") for i in range(1, 5)]
     val = [ex("v1", "A"), ex("v2", "B"), ex("v3", "B")]
-    target = Target("t", val, val[:1])
+    target = Target.single("t", val, val[:1])
     ckpts = []
     for c, (lr, z1) in enumerate([(3e-5, (1, 0)), (1e-5, (0, 1))]):
         train = store(tmp_path / f"t{c}", [e.id for e in pool], [z1, (0, 1), (3, 1), (-1, 0)], c)

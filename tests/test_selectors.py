@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dataselect.data.sources import Target
+from dataselect.data.targets import Target
 from dataselect.selectors.base import BudgetError, Selection, resolve_budget
 from dataselect.selectors.random import RandomSelector
 
@@ -36,7 +36,7 @@ def test_impossible_budgets_raise_clear_errors(budget, needle):
 
 
 def test_random_is_seeded_uniform_and_ranked(toy_examples):
-    target = Target("t", toy_examples[:1], toy_examples[:1])
+    target = Target.single("t", toy_examples[:1], toy_examples[:1])
     a = RandomSelector().select(toy_examples, target, 5, seed=3)
     b = RandomSelector().select(toy_examples, target, 5, seed=3)
     c = RandomSelector().select(toy_examples, target, 5, seed=4)
@@ -46,7 +46,7 @@ def test_random_is_seeded_uniform_and_ranked(toy_examples):
 
 
 def test_random_hits_each_example_at_the_base_rate(toy_examples):
-    target = Target("t", toy_examples[:1], toy_examples[:1])
+    target = Target.single("t", toy_examples[:1], toy_examples[:1])
     counts = dict.fromkeys((e.id for e in toy_examples), 0)
     for seed in range(600):
         for i in RandomSelector().select(toy_examples, target, 3, seed).ids:

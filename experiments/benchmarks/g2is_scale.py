@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dataselect.data.records import Example
-from dataselect.data.sources import Target
+from dataselect.data.targets import Target
 from dataselect.features.store import GradientStore, StoreWriter
 from dataselect.selectors.features import CheckpointFeatures, FeatureSet
 from dataselect.selectors.g2is import G2ISSelector, core_knowledge, g2is_walk, largest_remainder
@@ -89,7 +89,7 @@ def main() -> None:
             vx, _ = clustered(rng, centers[:2], 16, noise=0.05)  # a 2-cluster target
             val_store = v.add([f"v{i}" for i in range(16)], vx, [1] * 16, [1.0] * 16) or v.close()
         pool = [ex(f"p{i}") for i in range(args.n)]
-        target = Target("synthetic", [ex(f"v{i}") for i in range(16)], [ex("v0")])
+        target = Target.single("synthetic", [ex(f"v{i}") for i in range(16)], [ex("v0")])
         features = FeatureSet(
             [
                 CheckpointFeatures(

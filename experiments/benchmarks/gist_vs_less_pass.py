@@ -23,7 +23,8 @@ from hydra import compose, initialize_config_dir
 import dataselect.config  # noqa: F401
 from dataselect import models
 from dataselect.data.formatting import tokenize_examples
-from dataselect.data.sources import load_pool, load_target
+from dataselect.data.sources import load_pool
+from dataselect.data.targets import load_target
 from dataselect.features.featurize import featurize
 from dataselect.features.gradients import flat_adam_state, grad_dim, lora_parameters
 from dataselect.features.project import full_gradients, project_pool

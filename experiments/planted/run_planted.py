@@ -25,7 +25,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 import dataselect.config  # noqa: F401  (registers the schema)
-from dataselect.data.sources import candidates, load_pool, load_target
+from dataselect.data.sources import load_pool
+from dataselect.data.targets import candidates, load_target
 from dataselect.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def family_overrides(family: str) -> list[str]:
     val = f"{{kind: reasoning_gym, name: {family}, n: 16, seed: 9001}}"
     test = f"{{kind: reasoning_gym, name: {family}, n: 4, seed: 19001}}"
-    return [f"target.name=planted_{family}", f"target.validation=[{val}]", f"target.test=[{test}]"]
+    return ["~target.gsm_symbolic", f"+target.planted_{family}={{validation: [{val}], test: [{test}]}}"]
 
 
 def run_one(family: str, selector: str, seed: int, extra: list[str], out: Path) -> dict:

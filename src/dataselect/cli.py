@@ -47,6 +47,10 @@ def scalars(tree: Any, prefix: str = "") -> dict[str, float]:
 
 
 def main_cfg(cfg: DictConfig) -> dict:
+    if cfg.dry_run:  # the stages, cache status and estimated cost; nothing is trained
+        from dataselect import plan
+
+        return plan.print_plan(plan.plan(cfg))
     quiet_libraries()
     selector = cfg.selector._target_.rsplit(".", 1)[-1]
     name = f"{selector}-{'+'.join(cfg.target)}-{cfg.budget}-s{cfg.seed}"

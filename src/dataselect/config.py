@@ -91,7 +91,9 @@ class FeaturesConfig:
 class EvaluatorConfig:
     benchmarks: list[str] | None = None  # null = the target's own test set
     batch_size: int = 8
-    limit: int | None = None  # test items per benchmark (seeded subsample); null = all
+    # test items per benchmark (seeded subsample; for BBH per subtask); null = all; or per
+    # task: {gsm8k: 50, bbh: 3}
+    limit: Any = None
     seed: int = 1234
     max_gen_toks: int = 256
     apply_chat_template: bool = True

@@ -14,19 +14,21 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dataselect import models
 from dataselect.cache import COMPLETE, content_key, materialize, write_json
 from dataselect.config import Stage
 from dataselect.data.formatting import tokenize_examples
 from dataselect.data.records import Example
-from dataselect.data.sources import Target, candidates, load_pool, load_target
+from dataselect.data.sources import load_pool
+from dataselect.data.targets import Target, candidates, load_target
 from dataselect.keys import evaluate_key, finetune_key, select_key, warmup_key
 from dataselect.selectors.base import Selection, Selector, resolve_budget
 from dataselect.tracking import Tracker
@@ -34,6 +36,16 @@ from dataselect.tracking import Tracker
 log = logging.getLogger(__name__)
 
 ORDER = [Stage.warmup, Stage.features, Stage.select, Stage.finetune, Stage.evaluate]
+
+
+def hydra_choice(group: str) -> str | None:
+    """The option chosen for a config group in this Hydra app run (None outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.choices.get(group)
+    except ValueError:  # not running under @hydra.main
+        return None
 
 
 # ---- the run ---------------------------------------------------------------------------
@@ -107,16 +119,15 @@ class Run:
             "stage_seconds": dict(self.timings),
         }
 
-    def tokenize(self, examples: list[Example], what: str):
-        toks, stats = tokenize_examples(
-            self.tokenizer, examples, self.cfg.model.max_length, self._token_memo
-        )
+    def tokenize(self, examples: list[Example], what: str, max_length: int | None = None):
+        max_length = max_length or self.cfg.model.max_length
+        toks, stats = tokenize_examples(self.tokenizer, examples, max_length, self._token_memo)
         if stats.dropped_no_answer_tokens:
             log.warning(
                 "%s: dropped %d examples with no answer tokens left after truncation to %d tokens",
                 what,
                 stats.dropped_no_answer_tokens,
-                self.cfg.model.max_length,
+                max_length,
             )
         return toks, stats
 
@@ -158,7 +169,11 @@ def run_select(
 ) -> Path:
     """Candidates = pool minus target overlap minus examples with no answer tokens."""
     cfg = run.cfg
-    cands, overlap = candidates(pool, target)
+    dc = cfg.decontamination
+    cands, removed = candidates(pool, target, ngram=dc.ngram, exact=dc.exact)
+    run.diagnostics["decontamination"] = removed
+    if removed["removed"]:
+        log.info("select: removed %d pool examples overlapping the target: %s", removed["removed"], removed)
     toks, fstats = run.tokenize(cands, "candidates")
     trainable = {t.id for t in toks}
     cands = [e for e in cands if e.id in trainable]
@@ -167,7 +182,7 @@ def run_select(
         pool=len(pool),
         candidates=len(cands),
         budget=budget,
-        removed_target_overlap=overlap,
+        removed_target_overlap=removed["removed"],
         dropped_no_answer_tokens=fstats.dropped_no_answer_tokens,
     )
 
@@ -200,7 +215,7 @@ def run_finetune(run: Run, pool: list[Example], selection_dir: Path) -> Path:
 
 def run_evaluate(run: Run, target: Target, adapter_run: Path | None, stage: str) -> dict:
     """Score the base model plus adapter (or the base alone) on the target's test set."""
-    from dataselect.evaluation import Benchmark, evaluate
+    from dataselect.evaluation import aggregate, evaluate
     from dataselect.training import list_checkpoints
 
     cfg = run.cfg
@@ -211,13 +226,20 @@ def run_evaluate(run: Run, target: Target, adapter_run: Path | None, stage: str)
             last = list_checkpoints(adapter_run)[-1]
             model = models.with_adapter(model, last / "adapter").merge_and_unload()
         model.eval()
-        bench = Benchmark(target.name, target.test, target.answer_type)
-        results = evaluate(model, run.tokenizer, [bench], cfg.evaluator, work / "lm_eval")
+        benches = {t.name: t.benchmarks() for t in target.tasks}
+        flat = [b for bs in benches.values() for b in bs]
+        results = evaluate(model, run.tokenizer, flat, cfg.evaluator, work / "lm_eval")
         with open(work / "samples.jsonl", "w") as fh:
             for name, r in results.items():
                 for s in r.pop("samples", []):
                     fh.write(json.dumps({"benchmark": name, **s}) + "\n")
-        write_json(work / "metrics.json", results)
+        tasks = {
+            task: aggregate({b.name.split("/", 1)[-1]: results[b.name] for b in bs})
+            if len(bs) > 1
+            else results[bs[0].name]
+            for task, bs in benches.items()
+        }
+        write_json(work / "metrics.json", tasks)
 
     key = evaluate_key(cfg, adapter_run.name if adapter_run is not None else None)
     path = run.artifact(stage, key, build)
@@ -238,6 +260,9 @@ def run_pipeline(cfg: DictConfig, tracker: Tracker | None = None) -> dict[str, A
         "selector": selector.name,
         "target": target.name,
         "model_name": cfg.model.name,
+        "pool_name": cfg.pool.name,
+        "experiment": hydra_choice("experiment"),
+        "reference": OmegaConf.to_container(cfg.reference) if cfg.reference else None,
         "budget_cfg": cfg.budget,
         "seed": cfg.seed,
         "target_sizes": target.stats,
@@ -262,6 +287,11 @@ def run_pipeline(cfg: DictConfig, tracker: Tracker | None = None) -> dict[str, A
     if Stage.select in upto:
         sel_dir = run_select(run, selector, pool, target, features, features_key)
         (run.out_dir / "selection.jsonl").write_text((sel_dir / "selection.jsonl").read_text())
+        source_of = {e.id: e.source for e in pool}
+        picked = Selection.read_jsonl(sel_dir / "selection.jsonl").ids
+        metrics["selection_sources"] = dict(
+            sorted(Counter(source_of[i] for i in picked).items(), key=lambda kv: -kv[1])
+        )
         metrics["diagnostics"] = json.loads((sel_dir / "diagnostics.json").read_text())
         spectra = run.spectra or (
             {"sketch": metrics["diagnostics"]["eigvals"]}

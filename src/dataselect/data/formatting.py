@@ -3,6 +3,8 @@
 Each assistant turn is located by rendering the conversation up to it twice, with and without
 the turn (``prefix + completion``), and tokenizing the two text pieces separately, so the
 boundary between prompt tokens (label -100) and answer tokens is exact for any template.
+Every assistant turn is scored, unless ``meta["loss"] == "last"`` (in-context demonstrations
+as earlier turns, e.g. BBH validation): then only the final answer is.
 Sequences longer than ``max_length`` are cut from the right; an example left with no answer
 token is dropped and counted, never trained on (its gradient would be NaN).
 """
@@ -77,6 +79,8 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[Toke
     labels: list[int] = []
     done = ""
     msgs = example.messages
+    last = max(i for i, t in enumerate(msgs) if t["role"] == "assistant")
+    only_last = example.meta.get("loss") == "last"  # earlier answers are in-context demos
     for i, turn in enumerate(msgs):
         if turn["role"] != "assistant":
             continue
@@ -90,7 +94,8 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[Toke
         prompt_ids = tokenizer(before[len(done) :], add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(after[len(before) :], add_special_tokens=False)["input_ids"]
         ids += prompt_ids + answer_ids
-        labels += [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids)
+        scored = list(answer_ids) if i == last or not only_last else [IGNORE_INDEX] * len(answer_ids)
+        labels += [IGNORE_INDEX] * len(prompt_ids) + scored
         done = after
     truncated = len(ids) > max_length
     return Tokenized(example.id, ids[:max_length], labels[:max_length]), truncated

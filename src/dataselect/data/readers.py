@@ -5,31 +5,70 @@ Local JSON / JSONL in the common shapes (detected per record, in this order):
 | shape | fields |
 |---|---|
 | chat | ``messages`` (list of role/content turns, last = assistant) |
+| ShareGPT | ``conversations`` (list of from/value turns: human, gpt, system) |
 | prompt/completion | ``prompt``, ``completion`` |
 | alpaca | ``instruction``, optional ``input``, ``output`` |
 | QA | ``question``, ``answer`` (GSM8K) |
 | BBH | ``input``, ``target`` |
 
 Plus reasoning-gym generators and hub datasets (``datasets.load_dataset``, same shapes).
-Every error names the file, the line and the field.
+Every error names the file, the line and the field. With ``on_error="skip"`` malformed records
+(bad JSON, unknown shape, empty answer, ...) are skipped instead, counted, and reported in one
+warning per source.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dataselect.data.records import Example, RecordError, make_example
 
+log = logging.getLogger(__name__)
+
 SHAPES = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "qa": ("question", "answer"),
     "input_target": ("input", "target"),
 }
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+ON_ERROR = ("raise", "skip")
+
+
+class Skipped:
+    """The malformed records a source read with ``on_error="skip"`` passed over."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.count = 0
+        self.reasons: list[str] = []
+
+    def add(self, error: RecordError) -> None:
+        self.count += 1
+        if len(self.reasons) < 3:
+            self.reasons.append(str(error))
+
+    def warn(self) -> None:
+        if self.count:
+            log.warning(
+                "source %s: skipped %d malformed records; first reasons: %s",
+                self.source,
+                self.count,
+                " | ".join(self.reasons),
+            )
+
+
+def _skipped(on_error: str, source: str) -> Skipped | None:
+    if on_error not in ON_ERROR:
+        raise RecordError(f"source {source}: on_error {on_error!r} not in {ON_ERROR}")
+    return Skipped(source) if on_error == "skip" else None
 
 
 def detect_shape(record: dict[str, Any]) -> str:
@@ -63,6 +102,8 @@ def record_to_example(
         messages = record["messages"]
         if not isinstance(messages, list):
             raise RecordError(f"{where}: field 'messages' must be a list")
+    elif shape == "sharegpt":
+        messages = _sharegpt_messages(record["conversations"], where)
     else:
         if shape == "prompt_completion":
             user, answer = _text(record, "prompt", where), _text(record, "completion", where)
@@ -77,12 +118,53 @@ def record_to_example(
             user, answer = _text(record, "input", where), _text(record, "target", where)
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         meta.setdefault("answer", answer)
-    rid = record.get("id", default_id)
-    return make_example(str(rid), record.get("source", source), messages, meta, where=where)
+    rid = record.get("id")
+    rid = default_id if rid is None or rid == "" else rid
+    source = str(record.get("source") or source)
+    return make_example(str(rid), source, messages, meta, where=where)
 
 
-def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, record) for a JSONL file, or (index + 1, record) for a JSON array file."""
+def _sharegpt_messages(turns: Any, where: str) -> list[dict[str, Any]]:
+    """ShareGPT ``conversations`` (``{"from": "human"|"gpt"|"system", "value"}``) as chat turns."""
+    if not isinstance(turns, list):
+        raise RecordError(f"{where}: field 'conversations' must be a list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RecordError(f"{where}: conversations[{i}] needs 'from' and 'value'")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise RecordError(
+                f"{where}: conversations[{i}].from {turn['from']!r} not in {tuple(SHAREGPT_ROLES)}"
+            )
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
+
+
+def _convert(
+    rows: Iterable[tuple[int, Any]],
+    source: str,
+    where: Callable[[int], str],
+    shape: str,
+    skipped: Skipped | None,
+) -> list[Example]:
+    """Records to examples; a malformed one raises, or is counted in ``skipped`` when given."""
+    out = []
+    for i, record in rows:
+        try:
+            out.append(record_to_example(record, source, f"{source}-{i}", where(i), shape))
+        except RecordError as e:
+            if skipped is None:
+                raise
+            skipped.add(e)
+    if skipped is not None:
+        skipped.warn()
+    return out
+
+
+def iter_json_records(path: Path, skipped: Skipped | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for a JSONL file, or (index + 1, record) for a JSON array file.
+
+    An invalid JSONL line raises, or is counted in ``skipped`` when given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -102,20 +184,24 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise RecordError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
+            error = RecordError(f"{path}:{lineno}: invalid JSON: {e.msg}")
+            if skipped is None:
+                raise error from e
+            skipped.add(error)
+            continue
+        yield lineno, record
 
 
 def read_json_file(
-    path: str | Path, source: str | None = None, shape: str = "auto"
+    path: str | Path, source: str | None = None, shape: str = "auto", on_error: str = "raise"
 ) -> list[Example]:
     path = Path(path)
     source = source or path.stem
-    return [
-        record_to_example(rec, source, f"{source}-{i}", f"{path}:{i}", shape)
-        for i, rec in iter_json_records(path)
-    ]
+    skipped = _skipped(on_error, source)
+    rows = iter_json_records(path, skipped)
+    return _convert(rows, source, lambda i: f"{path}:{i}", shape, skipped)
 
 
 def read_reasoning_gym(
@@ -154,17 +240,29 @@ def read_reasoning_gym(
 
 
 def read_hub(
-    path: str, split: str, name: str | None = None, source: str | None = None
+    path: str,
+    split: str,
+    name: str | None = None,
+    source: str | None = None,
+    cap: int | None = None,
+    seed: int = 0,
+    on_error: str = "raise",
 ) -> list[Example]:
-    """A hub dataset (needs hub access) in any of the supported shapes."""
+    """A hub dataset (needs hub access) in any of the supported shapes.
+
+    ``cap`` draws a seeded random subset of rows *before* converting them (Infinity-Instruct
+    has millions of rows); ids default to ``<source>-<row index in the full split>``."""
     import datasets
 
     ds = datasets.load_dataset(path, name, split=split)
     source = source or f"{path}/{split}"
-    return [
-        record_to_example(dict(r), source, f"{source}-{i}", f"{source}[{i}]")
-        for i, r in enumerate(ds)
-    ]
+    skipped = _skipped(on_error, source)
+    rows: Iterable[int] = range(len(ds))
+    if cap is not None and len(ds) > cap:
+        rows = sorted(random.Random(seed).sample(range(len(ds)), int(cap)))
+        ds = ds.select(rows)
+    records = zip(rows, (dict(r) for r in ds), strict=True)
+    return _convert(records, source, lambda i: f"{source}[{i}]", "auto", skipped)
 
 
 def normalized_text(example: Example) -> str:

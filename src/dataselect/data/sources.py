@@ -3,10 +3,15 @@
 A source spec is a mapping with a ``kind``:
 
 - ``reasoning_gym``: ``name``, ``n``, ``seed``, optional ``answer_format`` and ``config``;
-- ``json``: ``path`` (relative paths resolve against ``paths.data_dir``), optional ``source``;
-- ``hub``: ``path``, ``split``, optional ``name`` (needs hub access).
+- ``json``: ``path`` (relative paths resolve against ``paths.data_dir``), optional ``source``,
+  ``shape`` and ``hub: {repo_id, filename, revision}``: a hub dataset file downloaded when the
+  local file is missing;
+- ``hub``: ``path``, ``split``, optional ``name`` (the dataset config; needs hub access).
 
-``cap`` on a source keeps a seeded random subset of at most that many examples.
+Every source also takes ``cap`` (keep a random subset of at most that many examples, drawn
+with the source's ``seed``, default 0: mixing = several sources, each with its cap),
+``on_error`` (``raise``, the default, or ``skip``: skip malformed records, count them, warn once)
+and ``id_prefix`` (prepended to every id, for sources whose ids collide).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dataselect.data.readers import (
+    ON_ERROR,
     drop_overlapping,
     read_hub,
     read_json_file,
@@ -33,10 +39,16 @@ READERS: dict[str, Callable[[dict[str, Any], Path], list[Example]]] = {
         s["name"], int(s["n"]), int(s["seed"]), s.get("answer_format", "answer"), s.get("config")
     ),
     "json": lambda s, d: read_json_file(
-        _resolve(s["path"], d), s.get("source"), s.get("shape", "auto")
+        _local_or_hub(s, d), s.get("source"), s.get("shape", "auto"), s.get("on_error", "raise")
     ),
     "hub": lambda s, _: read_hub(
-        s["path"], s.get("split", "train"), s.get("name"), s.get("source")
+        s["path"],
+        s.get("split", "train"),
+        s.get("name"),
+        s.get("source"),
+        s.get("cap"),
+        int(s.get("seed", 0)),
+        s.get("on_error", "raise"),
     ),
 }
 
@@ -56,14 +68,45 @@ def _resolve(path: str, data_dir: Path) -> Path:
     return p if p.is_absolute() else Path(data_dir) / p
 
 
+def _local_or_hub(spec: dict[str, Any], data_dir: Path) -> Path:
+    """A json source's file: ``path`` if it exists, else its ``hub`` file, downloaded."""
+    local = _resolve(spec["path"], data_dir)
+    if local.is_file():
+        return local
+    fix = "set paths.data_dir (or DATASELECT_DATA_DIR) to the folder that holds it"
+    hub = spec.get("hub")
+    if not hub:
+        raise FileNotFoundError(f"data file not found: {local}; {fix}")
+    import huggingface_hub
+
+    where = f"hub dataset {hub['repo_id']} file {hub['filename']}"
+    try:
+        return Path(
+            huggingface_hub.hf_hub_download(
+                hub["repo_id"], hub["filename"], repo_type="dataset", revision=hub.get("revision")
+            )
+        )
+    except Exception as e:
+        reason = (str(e).splitlines() or [""])[0]
+        raise FileNotFoundError(
+            f"data file not found: {local}, and downloading the {where} failed "
+            f"({type(e).__name__}: {reason}); {fix}, or get hub access (network, HF_TOKEN or "
+            "`huggingface-cli login`, HF_HUB_OFFLINE unset)"
+        ) from e
+
+
 def read_source(spec: dict[str, Any], data_dir: Path) -> list[Example]:
     kind = spec.get("kind")
     if kind not in READERS:
         raise RecordError(f"source {spec}: unknown kind {kind!r}; known: {sorted(READERS)}")
+    if spec.get("on_error", "raise") not in ON_ERROR:
+        raise RecordError(f"source {spec}: on_error {spec['on_error']!r} not in {ON_ERROR}")
     examples = READERS[kind](spec, Path(data_dir))
     cap = spec.get("cap")
     if cap is not None and len(examples) > cap:
         examples = random.Random(int(spec.get("seed", 0))).sample(examples, int(cap))
+    if prefix := spec.get("id_prefix"):
+        examples = [Example(f"{prefix}{e.id}", e.source, e.messages, e.meta) for e in examples]
     return examples
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,17 @@ def _make_lm(model, tokenizer, batch_size: int | str, chat: bool):
         )
     finally:
         hf_log.setLevel(old)
+
+
+def task_limit(limit: Any, benchmark: str) -> int | None:
+    """``evaluator.limit`` for one benchmark: an int for all, or a mapping by task name
+    (``bbh`` applies to every ``bbh/<subtask>``); tasks it does not name run in full."""
+    if limit is None or isinstance(limit, int):
+        return limit
+    if hasattr(limit, "get"):
+        value = limit.get(benchmark.split("/", 1)[0])
+        return None if value is None else int(value)
+    raise ValueError(f"evaluator.limit must be null, an int or a mapping, got {limit!r}")
 
 
 def _stderr(value: Any) -> float:
@@ -115,7 +127,7 @@ def evaluate(model, tokenizer, benchmarks: list[Benchmark], cfg, work_dir: Path)
     for bench in benchmarks:
         if not bench.examples:
             raise ValueError(f"benchmark {bench.name!r} has no test items")
-        items = select_items(bench.examples, limit, seed)
+        items = select_items(bench.examples, task_limit(limit, bench.name), seed)
         if not items:
             raise ValueError(f"benchmark {bench.name!r}: limit={limit} leaves no test items")
         k = len(bench.fewshot) if num_fewshot is None else min(int(num_fewshot), len(bench.fewshot))
@@ -159,3 +171,30 @@ def evaluate(model, tokenizer, benchmarks: list[Benchmark], cfg, work_dir: Path)
         }
         log.info("%s: %s = %.4f (n=%d)", bench.name, METRIC, out[bench.name]["value"], len(samples))
     return out
+
+
+def aggregate(subtasks: dict[str, dict]) -> dict:
+    """Macro (mean of subtask accuracies, the BBH convention) and micro (all items pooled)
+    averages of per-subtask results, with standard errors."""
+    values = [r["value"] for r in subtasks.values()]
+    ns = [r["n"] for r in subtasks.values()]
+    k, total = len(values), sum(ns)
+    # per-subtask variance of the mean; lm-eval's stderr, or p(1-p)/(n-1) where it gave none
+    var = [
+        r["stderr"] ** 2
+        if not math.isnan(r["stderr"])
+        else (r["value"] * (1 - r["value"]) / max(r["n"] - 1, 1))
+        for r in subtasks.values()
+    ]
+    micro = sum(v * n for v, n in zip(values, ns, strict=True)) / total
+    return {
+        "metric": METRIC,
+        "value": sum(values) / k,
+        "stderr": math.sqrt(sum(var)) / k,
+        "n": total,
+        "micro": micro,
+        "micro_stderr": math.sqrt(micro * (1 - micro) / max(total - 1, 1)),
+        "subtasks": {
+            name: {key: r[key] for key in ("value", "stderr", "n")} for name, r in subtasks.items()
+        },
+    }

@@ -2,8 +2,10 @@
 
 ``number`` answers: the last number in the generation is compared numerically with the gold
 answer (commas, ``$`` and trailing zeros ignored, so ``"1,000"`` == ``"1000.0"``).
-``text`` answers: the whole generation must equal the gold answer after stripping whitespace
-and a trailing period, case-insensitively (``"(B)"`` == ``"(b)."``).
+``text`` answers (BBH): the text after the last "the answer is" (the whole generation when
+there is none) must equal the gold answer after stripping whitespace, markdown emphasis and a
+trailing period, case-insensitively (``"So the answer is (B)."`` -> ``"(b)"``); a choice
+letter followed by its option text (``"(B) 12/14/1937"``) counts as the letter.
 """
 
 from __future__ import annotations
@@ -38,9 +40,23 @@ def extract_number(generation: str) -> str | None:
     return canonical_number(found[-1]) if found else None
 
 
+_ANSWER_IS = re.compile(r"answer is\s*:?", re.IGNORECASE)
+_CHOICE = re.compile(r"^\(([a-z])\)(?:\s|$)")
+
+
 def normalize_text(s: str) -> str:
-    """Strip whitespace and trailing periods, lower-case: ``" (B). "`` -> ``"(b)"``."""
-    return s.strip().rstrip(".").strip().lower()
+    """Strip whitespace, ``*`` and trailing periods, lower-case: ``" **(B)**. "`` -> ``"(b)"``."""
+    return s.strip().strip("*").strip().rstrip(".").strip().strip("*").strip().lower()
+
+
+def extract_text(generation: str) -> str:
+    """The final answer of a chain of thought: the rest of the line after the last
+    "the answer is", normalized; a leading choice ``(x)`` stands for itself."""
+    found = list(_ANSWER_IS.finditer(generation))
+    text = generation[found[-1].end() :].strip().split("\n", 1)[0] if found else generation
+    text = normalize_text(text)
+    choice = _CHOICE.match(text)
+    return f"({choice.group(1)})" if choice else text
 
 
 def extract(generation: str, answer_type: str) -> str | None:
@@ -48,7 +64,7 @@ def extract(generation: str, answer_type: str) -> str | None:
     if answer_type == "number":
         return extract_number(generation)
     if answer_type == "text":
-        return normalize_text(generation)
+        return extract_text(generation)
     raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
 
 
@@ -56,7 +72,9 @@ def gold_answer(gold: str, answer_type: str) -> str | None:
     """The gold answer in comparable form; a number gold may itself be written "$1,000"."""
     if answer_type == "number":
         return canonical_number(gold) or extract_number(gold)
-    return extract(gold, answer_type)
+    if answer_type == "text":
+        return normalize_text(gold)
+    raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
 
 
 def is_correct(generation: str, gold: str, answer_type: str = "number") -> bool:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from dataselect import models
 from dataselect.cache import content_key
 from dataselect.data.records import Example
-from dataselect.data.sources import Target
+from dataselect.data.targets import Target
 from dataselect.features.featurize import eps_share, featurize
 from dataselect.features.gradients import flat_adam_state, grad_dim, lora_parameters
 from dataselect.features.project import full_gradients, project_pool
@@ -69,13 +69,21 @@ class CheckpointModels:
 
 
 def validation_tokens(run: Run, target: Target):
-    toks, stats = run.tokenize(target.validation, "validation")
-    if stats.dropped_no_answer_tokens:
-        raise ValueError(
-            f"target {target.name}: {stats.dropped_no_answer_tokens} validation examples have "
-            f"no answer tokens within {run.cfg.model.max_length} tokens"
-        )
-    return toks
+    """Each task's validation examples, cut at its own token limit (BBH's, with two in-context
+    demonstrations, are longer than training examples)."""
+    out = []
+    for task in target.tasks:
+        limit = task.max_length or run.cfg.model.max_length
+        toks, stats = run.tokenize(task.validation, f"{task.name} validation", limit)
+        if stats.dropped_no_answer_tokens:
+            raise ValueError(
+                f"target {task.name}: {stats.dropped_no_answer_tokens} validation examples have "
+                f"no answer tokens within {limit} tokens (raise target.{task.name}.max_length)"
+            )
+        if stats.truncated:
+            log.warning("%s validation: %d examples cut at %d tokens", task.name, stats.truncated, limit)
+        out += toks
+    return out
 
 
 def run_features(

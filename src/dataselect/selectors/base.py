@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dataselect.data.records import Example
-from dataselect.data.sources import Target
+from dataselect.data.targets import Target
 
 
 class BudgetError(ValueError):

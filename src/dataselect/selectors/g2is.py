@@ -34,7 +34,7 @@ import numpy as np
 
 from dataselect.cache import materialize
 from dataselect.data.records import Example
-from dataselect.data.sources import Target
+from dataselect.data.targets import Target
 from dataselect.selectors.base import Selection, Selector, composition
 from dataselect.selectors.features import FeatureSet
 from dataselect.selectors.graph import NeighbourLists, knn_graph

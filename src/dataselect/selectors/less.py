@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dataselect.data.records import Example
-from dataselect.data.sources import Target
+from dataselect.data.targets import Target
 from dataselect.selectors.base import Selection, Selector, composition
 from dataselect.selectors.features import FeatureSet, subtask_groups
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from dataselect.data.records import Example
-from dataselect.data.sources import Target
+from dataselect.data.targets import Target
 from dataselect.selectors.base import Selection, Selector, composition
 
 

@@ -1,0 +1,132 @@
+"""Targets: one or more tasks, each with validation examples (for selection), test items and
+few-shot demonstrations (for evaluation).
+
+``cfg.target`` maps task names to task configs, so ``target=gsm8k`` is a one-task target and
+``target=[gsm8k,bbh]`` a multi-task one. A multi-task target's validation set is the union of
+its tasks' (each example keeps its subtask label: LESS and GIST take the max over subtasks,
+G2IS finds its components in it) and it is evaluated on every task.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+import dataselect.data.benchmarks  # noqa: F401  (registers the gsm8k / bbh source kinds)
+from dataselect.data.readers import drop_overlapping
+from dataselect.data.records import Example, RecordError, check_unique_ids
+from dataselect.data.sources import read_sources
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Task:
+    name: str
+    validation: list[Example]
+    test: list[Example]
+    fewshot: list[Example] = field(default_factory=list)
+    answer_type: str = "number"
+    max_length: int | None = None  # token limit of validation examples (None: the model's)
+    dropped_test: int = 0  # test items equal to a validation example or a demonstration
+
+    def benchmarks(self):
+        """One lm-eval benchmark per subtask of the test items (``bbh/date_understanding``),
+        or one named after the task; each gets the demonstrations of its subtask."""
+        from dataselect.evaluation import Benchmark
+
+        subtasks: dict[str, list[Example]] = {}
+        for ex in self.test:
+            subtasks.setdefault(ex.subtask, []).append(ex)
+        out = []
+        for sub, items in subtasks.items():
+            shots = [f for f in self.fewshot if f.subtask == sub]
+            if not shots and len(subtasks) == 1:
+                shots = list(self.fewshot)
+            name = self.name if len(subtasks) == 1 else f"{self.name}/{sub}"
+            out.append(Benchmark(name, items, self.answer_type, shots))
+        return out
+
+
+@dataclass
+class Target:
+    tasks: list[Task]
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def single(
+        cls, name: str, validation: list[Example], test: list[Example], answer_type: str = "number"
+    ) -> Target:
+        """A one-task target built in code (tests, benchmarks)."""
+        return cls([Task(name, validation, test, answer_type=answer_type)])
+
+    @property
+    def name(self) -> str:
+        return "+".join(t.name for t in self.tasks)
+
+    @property
+    def validation(self) -> list[Example]:
+        return [ex for t in self.tasks for ex in t.validation]
+
+    @property
+    def test(self) -> list[Example]:
+        return [ex for t in self.tasks for ex in t.test]
+
+    @property
+    def answer_type(self) -> str:
+        return self.tasks[0].answer_type
+
+
+def load_task(name: str, cfg: DictConfig, data_dir: Path) -> Task:
+    """Read a task; test items that repeat a validation prompt or a few-shot demonstration
+    are dropped (and counted), so no test item is ever a demonstration or a target example."""
+    validation = read_sources(list(cfg.validation), data_dir, f"target {name} validation")
+    test = read_sources(list(cfg.test), data_dir, f"target {name} test")
+    fewshot = read_sources(list(cfg.get("fewshot") or []), data_dir, f"target {name} fewshot")
+    if not validation:
+        raise RecordError(f"target {name}: the validation set is empty")
+    test, overlap = drop_overlapping(test, validation + fewshot)
+    if not test:
+        raise RecordError(f"target {name}: no test items")
+    if overlap:
+        log.info("target %s: dropped %d test items equal to a validation/few-shot one", name, overlap)
+    return Task(
+        name,
+        validation,
+        test,
+        fewshot,
+        cfg.get("answer_type", "number"),
+        cfg.get("max_length"),
+        overlap,
+    )
+
+
+def load_target(cfg: DictConfig, data_dir: Path) -> Target:
+    if not cfg:
+        raise RecordError("no target: choose one, e.g. target=gsm8k or target=[gsm8k,bbh]")
+    tasks = [load_task(name, t, data_dir) for name, t in cfg.items()]
+    target = Target(tasks)
+    check_unique_ids(target.validation, f"target {target.name} validation")
+    target.stats = {
+        "validation": len(target.validation),
+        "test": len(target.test),
+        "test_dropped_overlap": sum(t.dropped_test for t in tasks),
+    }
+    return target
+
+
+def candidates(
+    pool: list[Example], target: Target, ngram: int = 13, exact: bool = True
+) -> tuple[list[Example], dict]:
+    """The pool minus examples that repeat a validation prompt, or overlap a test item
+    (same prompt, or a shared word ``ngram``-gram; see ``dataselect.data.decontam``)."""
+    from dataselect.data.decontam import decontaminate
+
+    kept, val_overlap = drop_overlapping(pool, target.validation)
+    kept, report = decontaminate(kept, target.test, ngram=ngram, exact=exact)
+    report = {"validation_overlap": val_overlap, **report}
+    report["removed"] = len(pool) - len(kept)
+    return kept, report
