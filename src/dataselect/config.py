@@ -63,6 +63,9 @@ class TrainConfig:
 @dataclass
 class WarmupConfig(TrainConfig):
     fraction: float = 0.05  # share of the pool, drawn at random (seeded), to warm up on
+    # seed of the warmup's subset and LoRA init; null = the run's seed. Fix it to share one
+    # warmup (and its gradient features) across seeds that then vary selection + fine-tuning.
+    seed: int | None = None
 
 
 @dataclass

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import Container, DictConfig, OmegaConf
 
 from dataselect.cache import content_key
 
 
 def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, Container) else node
 
 
 def model_spec(cfg: DictConfig) -> dict:
@@ -25,14 +25,24 @@ def model_spec(cfg: DictConfig) -> dict:
     }
 
 
+def pool_spec(cfg: DictConfig) -> dict:
+    """What determines the pool's examples (``size`` is only an estimate for dry runs)."""
+    return {"name": cfg.pool.name, "sources": _plain(cfg.pool.sources)}
+
+
+def warmup_seed(cfg: DictConfig) -> int:
+    """``warmup.seed``, or the run's seed when it is null."""
+    return cfg.seed if cfg.warmup.get("seed") is None else int(cfg.warmup.seed)
+
+
 def warmup_key(cfg: DictConfig) -> str:
     return content_key(
         {
             "model": model_spec(cfg),
             "lora": _plain(cfg.model.lora),
-            "pool": _plain(cfg.pool),
-            "warmup": _plain(cfg.warmup),
-            "seed": cfg.seed,
+            "pool": pool_spec(cfg),
+            "warmup": {k: v for k, v in _plain(cfg.warmup).items() if k != "seed"},
+            "seed": warmup_seed(cfg),
         }
     )
 
@@ -58,7 +68,7 @@ def features_keys(cfg: DictConfig, fc: DictConfig, checkpoint: str) -> tuple[str
     }
     pool = {
         **common,
-        "pool": _plain(cfg.pool),
+        "pool": pool_spec(cfg),
         "gradient_type": fc.gradient_type,
         "adam_form": fc.adam_form,
         "shard_size": fc.shard_size,
@@ -71,7 +81,7 @@ def select_key(cfg: DictConfig, features_key: str | None) -> str:
     return content_key(
         {
             "model": model_spec(cfg),
-            "pool": _plain(cfg.pool),
+            "pool": pool_spec(cfg),
             "target": _plain(cfg.target),
             "selector": _plain(cfg.selector),
             "budget": cfg.budget,
@@ -118,7 +128,7 @@ def gist_keys(cfg: DictConfig, checkpoint: str, selector) -> tuple[str, str]:
     }
     pool = {
         **val,
-        "pool": _plain(cfg.pool),
+        "pool": pool_spec(cfg),
         "k": selector.k,
         "variance": selector.variance,
         "train_gradient": selector.train_gradient,

@@ -29,7 +29,7 @@ from dataselect.data.formatting import tokenize_examples
 from dataselect.data.records import Example
 from dataselect.data.sources import load_pool
 from dataselect.data.targets import Target, candidates, load_target
-from dataselect.keys import evaluate_key, finetune_key, select_key, warmup_key
+from dataselect.keys import evaluate_key, finetune_key, select_key, warmup_key, warmup_seed
 from dataselect.selectors.base import Selection, Selector, resolve_budget
 from dataselect.tracking import Tracker
 
@@ -131,16 +131,18 @@ class Run:
             )
         return toks, stats
 
-    def train(self, examples: list[Example], train_cfg, work: Path, stage: str) -> None:
+    def train(
+        self, examples: list[Example], train_cfg, work: Path, stage: str, seed: int
+    ) -> None:
         from dataselect.training import train_lora
 
         toks, stats = self.tokenize(examples, stage)
         write_json(work / "data.json", {"ids": [t.id for t in toks], **stats.as_dict()})
         base = models.load_base_model(self.cfg.model, self.cache_dir)
-        model = models.with_lora(base, self.cfg.model.lora, self.cfg.seed)
+        model = models.with_lora(base, self.cfg.model.lora, seed)
         loggers = self.tracker.lightning_loggers(stage) if self.tracker else None
         train_lora(
-            model, self.tokenizer, toks, train_cfg, self.cfg.trainer, work, self.cfg.seed, loggers
+            model, self.tokenizer, toks, train_cfg, self.cfg.trainer, work, seed, loggers
         )
 
 
@@ -150,11 +152,12 @@ def run_warmup(run: Run, pool: list[Example]) -> Path:
 
     def build(work: Path) -> None:
         n = max(1, round(cfg.warmup.fraction * len(pool)))
-        chosen = random.Random(cfg.seed).sample(pool, n)
+        seed = warmup_seed(cfg)
+        chosen = random.Random(seed).sample(pool, n)
         log.info(
             "warmup: LoRA on %d of %d pool examples, %d epochs", n, len(pool), cfg.warmup.epochs
         )
-        run.train(chosen, cfg.warmup, work, "warmup")
+        run.train(chosen, cfg.warmup, work, "warmup", seed)
 
     return run.artifact("warmup", warmup_key(cfg), build)
 
@@ -207,7 +210,7 @@ def run_finetune(run: Run, pool: list[Example], selection_dir: Path) -> Path:
             len(sel.ids),
             cfg.finetune.epochs,
         )
-        run.train([by_id[i] for i in sel.ids], cfg.finetune, work, "finetune")
+        run.train([by_id[i] for i in sel.ids], cfg.finetune, work, "finetune", cfg.seed)
 
     # keyed by the selected ids themselves, not only by the config that chose them
     return run.artifact("finetune", finetune_key(cfg, content_key(sel.ids)), build)

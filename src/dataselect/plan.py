@@ -445,11 +445,14 @@ def print_plan(p: Plan, console=None) -> dict[str, Any]:
     console.print(table)
     t = p.totals()
     unit = "GPU-hours" if r["device"] == "gpu" else f"{r['device']}-hours"
-    partial = f" (+ unknown: {', '.join(t['unknown_seconds'])})" if t["unknown_seconds"] else ""
+    unknown = t["unknown_seconds"]
+    at_least = ">= " if unknown else ""
     console.print(
-        f"total: {t['hours']:.3g} {unit}, {t['gb']:.3g} GB stored; still to run: "
-        f"{t['hours_to_run']:.3g} {unit}, {t['gb_to_run']:.3g} GB{partial}"
+        f"total: {at_least}{t['hours']:.3g} {unit}, {t['gb']:.3g} GB stored; still to run: "
+        f"{at_least}{t['hours_to_run']:.3g} {unit}, {t['gb_to_run']:.3g} GB"
     )
+    if unknown:
+        console.print(f"  time unknown (no measurement, no model.cost): {', '.join(unknown)}")
     for kind, v in p.rates.items():
         console.print(
             f"  {kind}: {_num(v['seconds_per_example'], '.3g')} s/example ({v['source']})"
