@@ -166,7 +166,9 @@ def test_less_pool_store_is_reused_across_targets(tmp_path):
     }
     assert sorted(m1["features"]) == ["epoch_1", "epoch_2"]  # one store per warmup epoch
     assert 0.0 <= m1["features"]["epoch_1"]["adam_eps_share"] <= 1.0
-    new_val = "target.gsm_symbolic.validation=[{kind: reasoning_gym, name: chain_sum, n: 4, seed: 500}]"
+    new_val = (
+        "target.gsm_symbolic.validation=[{kind: reasoning_gym, name: chain_sum, n: 4, seed: 500}]"
+    )
     m2 = run(tmp_path, *less, new_val)
     assert m2["cache_hits"] == {
         "warmup": True,
@@ -196,7 +198,9 @@ def test_gist_exact_pays_a_pool_pass_per_target_and_sketch_does_not(tmp_path):
     assert m1["cost"]["bytes_per_pool_example"] < 3 * 4 + 200  # k floats + shard overhead
     assert m1["diagnostics"]["k"] == 3 and set(m1["spectrum"]) == {"epoch_1", "epoch_2"}
     assert (tmp_path / "run0" / "spectrum.png").stat().st_size > 10_000
-    new_val = "target.gsm_symbolic.validation=[{kind: reasoning_gym, name: chain_sum, n: 4, seed: 500}]"
+    new_val = (
+        "target.gsm_symbolic.validation=[{kind: reasoning_gym, name: chain_sum, n: 4, seed: 500}]"
+    )
     m2 = run(tmp_path, *exact, new_val)
     assert m2["cache_hits"]["warmup"] and not m2["cache_hits"]["gist_pass"]
 
@@ -247,7 +251,9 @@ def test_g2is_graph_is_cached_per_store_and_skips_non_candidates(tmp_path):
     (graph,) = (tmp_path / "cache" / "graph").glob("[!.]*")
     built = (graph / "COMPLETE").stat().st_mtime_ns
     # a target whose validation repeats 4 pool prompts: those 4 are not candidates
-    overlap = "target.gsm_symbolic.validation=[{kind: reasoning_gym, name: chain_sum, n: 4, seed: 1}]"
+    overlap = (
+        "target.gsm_symbolic.validation=[{kind: reasoning_gym, name: chain_sum, n: 4, seed: 1}]"
+    )
     m = run(tmp_path, *g2is, overlap, "budget=20")
     assert m["sizes"]["removed_target_overlap"] == 4
     assert (graph / "COMPLETE").stat().st_mtime_ns == built  # reused, not rebuilt

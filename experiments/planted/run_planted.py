@@ -35,7 +35,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def family_overrides(family: str) -> list[str]:
     val = f"{{kind: reasoning_gym, name: {family}, n: 16, seed: 9001}}"
     test = f"{{kind: reasoning_gym, name: {family}, n: 4, seed: 19001}}"
-    return ["~target.gsm_symbolic", f"+target.planted_{family}={{validation: [{val}], test: [{test}]}}"]
+    return [
+        "~target.gsm_symbolic",
+        f"+target.planted_{family}={{validation: [{val}], test: [{test}]}}",
+    ]
 
 
 def run_one(family: str, selector: str, seed: int, extra: list[str], out: Path) -> dict:

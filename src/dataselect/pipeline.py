@@ -131,9 +131,7 @@ class Run:
             )
         return toks, stats
 
-    def train(
-        self, examples: list[Example], train_cfg, work: Path, stage: str, seed: int
-    ) -> None:
+    def train(self, examples: list[Example], train_cfg, work: Path, stage: str, seed: int) -> None:
         from dataselect.training import train_lora
 
         toks, stats = self.tokenize(examples, stage)
@@ -141,9 +139,7 @@ class Run:
         base = models.load_base_model(self.cfg.model, self.cache_dir)
         model = models.with_lora(base, self.cfg.model.lora, seed)
         loggers = self.tracker.lightning_loggers(stage) if self.tracker else None
-        train_lora(
-            model, self.tokenizer, toks, train_cfg, self.cfg.trainer, work, seed, loggers
-        )
+        train_lora(model, self.tokenizer, toks, train_cfg, self.cfg.trainer, work, seed, loggers)
 
 
 def run_warmup(run: Run, pool: list[Example]) -> Path:
@@ -176,7 +172,11 @@ def run_select(
     cands, removed = candidates(pool, target, ngram=dc.ngram, exact=dc.exact)
     run.diagnostics["decontamination"] = removed
     if removed["removed"]:
-        log.info("select: removed %d pool examples overlapping the target: %s", removed["removed"], removed)
+        log.info(
+            "select: removed %d pool examples overlapping the target: %s",
+            removed["removed"],
+            removed,
+        )
     toks, fstats = run.tokenize(cands, "candidates")
     trainable = {t.id for t in toks}
     cands = [e for e in cands if e.id in trainable]

@@ -247,16 +247,18 @@ def pool_size(cfg: DictConfig, data_dir: Path) -> tuple[int | None, str]:
 
 
 def target_sizes(cfg: DictConfig, data_dir: Path) -> tuple[int | None, int | None, str]:
-    """(validation examples, test items to evaluate after evaluator.limit per benchmark)."""
+    """(validation examples, test items to evaluate: ``evaluator.limit`` per benchmark, i.e.
+    per subtask, given as an int or by task name)."""
     try:
         from dataselect.data.targets import load_target
+        from dataselect.evaluation.harness import task_limit
 
         target = load_target(cfg.target, data_dir)
     except Exception as e:
         return None, None, f"target not read ({type(e).__name__}: {str(e)[:160]})"
-    limit = cfg.evaluator.limit
     test = 0
-    for task in target.tasks:  # one benchmark per subtask, each cut to `limit`
+    for task in target.tasks:
+        limit = task_limit(cfg.evaluator.limit, task.name)
         for n in Counter(ex.subtask for ex in task.test).values():
             test += n if limit is None else min(n, limit)
     return len(target.validation), test, "read"

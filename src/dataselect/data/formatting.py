@@ -94,7 +94,9 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[Toke
         prompt_ids = tokenizer(before[len(done) :], add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(after[len(before) :], add_special_tokens=False)["input_ids"]
         ids += prompt_ids + answer_ids
-        scored = list(answer_ids) if i == last or not only_last else [IGNORE_INDEX] * len(answer_ids)
+        scored = (
+            list(answer_ids) if i == last or not only_last else [IGNORE_INDEX] * len(answer_ids)
+        )
         labels += [IGNORE_INDEX] * len(prompt_ids) + scored
         done = after
     truncated = len(ids) > max_length

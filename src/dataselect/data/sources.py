@@ -19,13 +19,11 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dataselect.data.readers import (
     ON_ERROR,
-    drop_overlapping,
     read_hub,
     read_json_file,
     read_reasoning_gym,
@@ -118,39 +116,10 @@ def read_sources(specs: list[dict[str, Any]], data_dir: Path, what: str) -> list
     return out
 
 
-@dataclass
-class Target:
-    """A target task: validation examples (for selection) and test examples (for evaluation)."""
-
-    name: str
-    validation: list[Example]
-    test: list[Example]
-    answer_type: str = "number"
-    stats: dict[str, int] = field(default_factory=dict)
-
-
-def load_target(cfg, data_dir: Path) -> Target:
-    """Read a target; test items that repeat a validation prompt are dropped (and counted)."""
-    validation = read_sources(list(cfg.validation), data_dir, f"target {cfg.name} validation")
-    test = read_sources(list(cfg.test), data_dir, f"target {cfg.name} test")
-    test, overlap = drop_overlapping(test, validation)
-    if not validation:
-        raise RecordError(f"target {cfg.name}: the validation set is empty")
-    if not test:
-        raise RecordError(f"target {cfg.name}: no test items")
-    stats = {"validation": len(validation), "test": len(test), "test_dropped_overlap": overlap}
-    return Target(cfg.name, validation, test, cfg.get("answer_type", "number"), stats)
-
-
 def load_pool(cfg, data_dir: Path) -> list[Example]:
     """Read a pool. It is target-agnostic (one warmup serves every target); selection removes
-    the candidates that repeat a target's validation or test prompts (``candidates``)."""
+    the candidates that overlap a target (``dataselect.data.targets.candidates``)."""
     pool = read_sources(list(cfg.sources), data_dir, f"pool {cfg.name}")
     if not pool:
         raise RecordError(f"pool {cfg.name}: no examples")
     return pool
-
-
-def candidates(pool: list[Example], target: Target) -> tuple[list[Example], int]:
-    """The pool minus examples whose prompt repeats a validation or test prompt of the target."""
-    return drop_overlapping(pool, target.validation + target.test)

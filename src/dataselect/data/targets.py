@@ -92,7 +92,9 @@ def load_task(name: str, cfg: DictConfig, data_dir: Path) -> Task:
     if not test:
         raise RecordError(f"target {name}: no test items")
     if overlap:
-        log.info("target %s: dropped %d test items equal to a validation/few-shot one", name, overlap)
+        log.info(
+            "target %s: dropped %d test items equal to a validation/few-shot one", name, overlap
+        )
     return Task(
         name,
         validation,

@@ -81,7 +81,9 @@ def validation_tokens(run: Run, target: Target):
                 f"no answer tokens within {limit} tokens (raise target.{task.name}.max_length)"
             )
         if stats.truncated:
-            log.warning("%s validation: %d examples cut at %d tokens", task.name, stats.truncated, limit)
+            log.warning(
+                "%s validation: %d examples cut at %d tokens", task.name, stats.truncated, limit
+            )
         out += toks
     return out
 
