@@ -122,6 +122,39 @@ def test_cli_multirun_shares_warmup(tmp_path):
     assert len(list((tmp_path / "cache" / "warmup").glob("[!.]*"))) == 1
 
 
+def test_multirun_of_two_selectors_by_two_budgets_computes_warmup_and_features_once(tmp_path):
+    """Acceptance: LESS and G2IS x 2 budgets share one warmup and one pool gradient store."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "dataselect",
+        "-m",
+        *FAST,
+        "selector=less,g2is",
+        "budget=4,6",
+        "stage=select",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hits = [
+        json.loads((tmp_path / "multi" / str(i) / "metrics.json").read_text())["cache_hits"]
+        for i in range(4)
+    ]
+    assert hits[0] == {"warmup": False, "features": False, "features_val": False, "select": False}
+    for h in hits[1:]:
+        assert h == {"warmup": True, "features": True, "features_val": True, "select": False}
+    cache = tmp_path / "cache"
+    assert len(list((cache / "warmup").glob("[!.]*"))) == 1
+    assert len(list((cache / "features").glob("[!.]*"))) == 2  # one store per warmup epoch
+    assert len(list((cache / "select").glob("[!.]*"))) == 4
+    # the logs say so: each job's closing line lists its cache hits
+    logs = [next((tmp_path / "multi" / str(i)).glob("*.log")).read_text() for i in range(4)]
+    assert "cache hits: none" in logs[0]
+    assert all("cache hits: warmup, features, features_val" in log for log in logs[1:])
+
+
 def test_killed_warmup_is_never_trusted(tmp_path):
     """kill -9 mid-warmup: the rerun finds no artifact, rebuilds it whole, and says so."""
     import os
