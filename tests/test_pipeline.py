@@ -298,3 +298,52 @@ def test_g2is_graph_is_cached_per_store_and_skips_non_candidates(tmp_path):
 
 def read_selection(out: Path) -> list[str]:
     return [json.loads(x)["id"] for x in (out / "selection.jsonl").read_text().splitlines()]
+
+
+def test_report_on_a_real_multirun(tmp_path):
+    """Acceptance: a real 2 selectors x 2 seeds multirun (tiny model, evaluated) becomes a
+    table with one row per selector and the means of the runs' own metrics."""
+    import statistics
+
+    from dataselect.report.multirun import collect_runs, summarize
+
+    sweep = tmp_path / "multi"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dataselect",
+        "-m",
+        *FAST,
+        "selector=random,less",
+        "seed=0,1",
+        "warmup.seed=0",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = subprocess.run(
+        [sys.executable, "-m", "dataselect.report.cli", str(sweep)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    metrics = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(4)]
+    assert len(list((tmp_path / "cache" / "warmup").glob("[!.]*"))) == 1  # warmup.seed shared
+    assert all(m["selection_sources"] and m["target"] == "gsm_symbolic" for m in metrics)
+    rows = {r.selector: r for r in summarize(collect_runs(sweep).records)}
+    assert set(rows) == {"random", "less", "base (no fine-tuning)"}
+    for sel in ("random", "less"):
+        values = [
+            100 * m["finetuned"]["gsm_symbolic"]["value"] for m in metrics if m["selector"] == sel
+        ]
+        assert rows[sel].n_seeds == 2
+        assert rows[sel].mean == pytest.approx(statistics.mean(values))
+        assert rows[sel].std == pytest.approx(statistics.stdev(values))
+    assert rows["less"].delta_vs_random == pytest.approx(rows["less"].mean - rows["random"].mean)
+    md = (sweep / "report" / "report.md").read_text()
+    assert md.count("| gsm_symbolic") == 3 and "random" in md and "less" in md
+    for name in ("report.tex", "report.csv", "summary.csv", "accuracy_vs_budget.png"):
+        assert (sweep / "report" / name).stat().st_size > 0
+    assert (sweep / "report" / "report.csv").read_text().count("\n") == 1 + 4

@@ -32,3 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths.values():
         print(f"wrote {path}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
