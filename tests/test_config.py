@@ -51,3 +51,25 @@ def test_quickstart_preset_values():
 def test_schema_rejects_typos_and_wrong_types(bad):
     with pytest.raises(ConfigCompositionException):
         compose_cfg([bad])
+
+
+def test_wandb_group_defaults_to_the_sweep_in_a_multirun():
+    from hydra.core.hydra_config import HydraConfig
+
+    from dataselect.tracking import sweep_group
+
+    assert sweep_group() is None  # not under Hydra
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "hydra.sweep.dir=outputs/multirun/2026-11-22/10-00-00",
+                "hydra.mode=MULTIRUN",
+            ],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert sweep_group() == "2026-11-22/10-00-00"
+    finally:
+        HydraConfig.instance().cfg = None

@@ -14,6 +14,7 @@ import dataselect.config  # noqa: F401
 from dataselect.cli import main_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAST = [
     "model=tiny_random",
     "logger=csv",
@@ -347,3 +348,21 @@ def test_report_on_a_real_multirun(tmp_path):
     for name in ("report.tex", "report.csv", "summary.csv", "accuracy_vs_budget.png"):
         assert (sweep / "report" / name).stat().st_size > 0
     assert (sweep / "report" / "report.csv").read_text().count("\n") == 1 + 4
+
+
+@pytest.mark.skipif(not (SHARED / "gsm8k").is_dir(), reason="needs ../shared/data")
+def test_evaluator_benchmarks_adds_other_targets(tmp_path):
+    """Cross-task table: evaluate the gsm_symbolic selection on GSM8K too."""
+    m = run(
+        tmp_path,
+        "stage=evaluate",
+        f"paths.data_dir={SHARED}",
+        "evaluator.benchmarks=[gsm_symbolic,gsm8k]",
+        "evaluator.num_fewshot=0",
+        "evaluator.limit={gsm_symbolic: 2, gsm8k: 2}",
+        "evaluator.include_base=false",
+    )
+    assert set(m["finetuned"]) == {"gsm_symbolic", "gsm8k"}
+    assert m["finetuned"]["gsm8k"]["n"] == 2 and m["finetuned"]["gsm_symbolic"]["n"] == 2
+    with pytest.raises(ValueError, match="'nope' is not a target"):
+        run(tmp_path, "evaluator.benchmarks=[nope]", "evaluator.include_base=false")

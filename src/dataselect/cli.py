@@ -81,9 +81,6 @@ def main_cfg(cfg: DictConfig) -> dict:
         tracker.finish()
 
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(dataselect.config.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     main_cfg(cfg)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's configs
 
 
 class Stage(str, Enum):
@@ -92,7 +95,7 @@ class FeaturesConfig:
 
 @dataclass
 class EvaluatorConfig:
-    benchmarks: list[str] | None = None  # null = the target's own test set
+    benchmarks: list[str] | None = None  # target names to evaluate on; null = the target's own
     batch_size: int = 8
     # test items per benchmark (seeded subsample; for BBH per subtask); null = all; or per
     # task: {gsm8k: 50, bbh: 3}

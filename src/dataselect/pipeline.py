@@ -216,6 +216,28 @@ def run_finetune(run: Run, pool: list[Example], selection_dir: Path) -> Path:
     return run.artifact("finetune", finetune_key(cfg, content_key(sel.ids)), build)
 
 
+def eval_tasks(cfg: DictConfig, target: Target) -> list:
+    """The tasks to evaluate on: the target's own, or ``evaluator.benchmarks`` (target names,
+    each the target's own task or read from ``conf/target/<name>.yaml``) for cross-task
+    tables. Decontamination covers only the target's test items."""
+    from dataselect.config import CONF_DIR
+
+    names = cfg.evaluator.benchmarks
+    if not names:
+        return target.tasks
+    own = {t.name: t for t in target.tasks}
+    out = []
+    for name in names:
+        if name in own:
+            out.append(own[name])
+            continue
+        path = CONF_DIR / "target" / f"{name}.yaml"
+        if not path.is_file():
+            raise ValueError(f"evaluator.benchmarks: {name!r} is not a target ({path} missing)")
+        out += load_target(OmegaConf.load(path), Path(cfg.paths.data_dir)).tasks
+    return out
+
+
 def run_evaluate(run: Run, target: Target, adapter_run: Path | None, stage: str) -> dict:
     """Score the base model plus adapter (or the base alone) on the target's test set."""
     from dataselect.evaluation import aggregate, evaluate
@@ -229,7 +251,7 @@ def run_evaluate(run: Run, target: Target, adapter_run: Path | None, stage: str)
             last = list_checkpoints(adapter_run)[-1]
             model = models.with_adapter(model, last / "adapter").merge_and_unload()
         model.eval()
-        benches = {t.name: t.benchmarks() for t in target.tasks}
+        benches = {t.name: t.benchmarks() for t in eval_tasks(cfg, target)}
         flat = [b for bs in benches.values() for b in bs]
         results = evaluate(model, run.tokenizer, flat, cfg.evaluator, work / "lm_eval")
         with open(work / "samples.jsonl", "w") as fh:

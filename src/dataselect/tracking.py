@@ -25,7 +25,7 @@ class Tracker:
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb_run = wandb.init(
                 project=lcfg.project,
-                group=lcfg.group,
+                group=lcfg.group or sweep_group(),
                 name=name,
                 tags=list(lcfg.tags),
                 mode=lcfg.mode,
@@ -56,3 +56,18 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def sweep_group() -> str | None:
+    """In a Hydra multirun with no ``logger.group``: the sweep's directory name, so the
+    W&B UI groups the sweep's runs; None outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return "/".join(Path(hc.sweep.dir).parts[-2:])
