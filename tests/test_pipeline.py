@@ -225,9 +225,15 @@ def test_gist_exact_pays_a_pool_pass_per_target_and_sketch_does_not(tmp_path):
     assert m1["cache_hits"] == {
         "warmup": False,
         "gist_val": False,
+        "gist_spectrum": False,
         "gist_pass": False,
         "select": False,
     }
+    # full-D validation gradients only at GIST's checkpoint; epoch 2 keeps its spectrum only
+    cache = tmp_path / "cache"
+    assert [p.name for p in next((cache / "gist_spectrum").glob("[!.]*")).iterdir()] != []
+    assert not list((cache / "gist_spectrum").glob("*/G.npy"))
+    assert len(list((cache / "gist_val").glob("*/G.npy"))) == 1
     assert m1["cost"]["pool_passes"] == 1 and m1["cost"]["pool_passes_computed_this_run"] == 1
     assert m1["cost"]["bytes_per_pool_example"] < 3 * 4 + 200  # k floats + shard overhead
     assert m1["diagnostics"]["k"] == 3 and set(m1["spectrum"]) == {"epoch_1", "epoch_2"}

@@ -87,7 +87,7 @@ def test_stage_limits_the_plan(tmp_path):
 def test_gist_exact_plans_a_pool_pass_per_target(tmp_path):
     p = plan.plan(config(tmp_path, "selector=gist", "selector.k=3")).as_dict()
     stages = [s["stage"] for s in p["steps"]]
-    assert stages[:4] == ["warmup", "gist_val", "gist_val", "gist_pass"]
+    assert stages[:4] == ["warmup", "gist_val", "gist_spectrum", "gist_pass"]
     (pass_,) = [s for s in p["steps"] if s["stage"] == "gist_pass"]
     assert pass_["bytes"] == 40 * 3 * 4 and pass_["what"] == "pool @ epoch_1, k=3"
 

@@ -47,6 +47,7 @@ KIND = {  # which measured rate (seconds per example) a cache stage uses
     "features": "featurize",
     "features_val": "featurize",
     "gist_val": "featurize",
+    "gist_spectrum": "featurize",
     "gist_pass": "featurize",
     "evaluate": "evaluate",
     "evaluate_base": "evaluate",
@@ -305,10 +306,13 @@ def _steps(cfg, selector, upto, sizes, grad_dim) -> list[Step]:
     add("warmup", f"{n_warm} x {epochs} epochs", warmup_key(cfg), _mul(n_warm, epochs), state)
     features_key = None
     if Stage.features in upto and selector.needs_features and selector.needs_pool_pass():
-        for c in _ckpt_names("all", epochs):  # exact GIST: full-D validation grads, each epoch
-            key = gist_keys(cfg, c, selector)[1]
-            add("gist_val", f"validation, full D @ {c}", key, n_val, _mul(n_val, grad_dim, 4))
         ckpt = f"epoch_{int(selector.checkpoint)}"
+        for c in _ckpt_names("all", epochs):  # exact GIST: full-D validation grads at its
+            key = gist_keys(cfg, c, selector)[1]  # checkpoint; the others' spectra only
+            if c == ckpt:
+                add("gist_val", f"validation, full D @ {c}", key, n_val, _mul(n_val, grad_dim, 4))
+            else:
+                add("gist_spectrum", f"validation spectrum @ {c}", key, n_val, _mul(n_val, 8))
         features_key = gist_keys(cfg, ckpt, selector)[0]
         k = selector.k if selector.variance is None else n_val  # variance rule: k <= N
         add("gist_pass", f"pool @ {ckpt}, k={k}", features_key, n_pool, _mul(n_pool, k, 4))

@@ -169,8 +169,9 @@ def run_gist_pass(
     model_at = CheckpointModels(run)
     spectra = {}
     for c in list_checkpoints(warmup_dir):  # N x D each: N is the small validation set
+        chosen = c.name == ckpt.name
 
-        def build_val(work: Path, c=c) -> None:
+        def build_val(work: Path, c=c, chosen=chosen) -> None:
             full_gradients(
                 model_at(c),
                 val_toks,
@@ -180,15 +181,19 @@ def run_gist_pass(
                 fc.method,
             )
             (work / "ids.json").write_text(json.dumps([t.id for t in val_toks]))
+            if not chosen:  # only the spectrum is wanted here: keep N eigenvalues, not N x D
+                G = np.load(work / "G.npy", mmap_mode="r")
+                np.save(work / "eigvals.npy", np.clip(gram_eig(G)[0], 0.0, None))
+                del G
+                (work / "G.npy").unlink()
 
         key = gist_keys(cfg, c.name, selector)[1]
-        vdir = run.artifact("gist_val", key, build_val)
-        if c.name == ckpt.name:
+        vdir = run.artifact("gist_val" if chosen else "gist_spectrum", key, build_val)
+        if chosen:
             run.record_cost("target", vdir)
             G_dir = vdir
         else:
-            eigvals = gram_eig(np.load(vdir / "G.npy", mmap_mode="r"))[0]
-            spectra[c.name] = np.clip(eigvals, 0.0, None)
+            spectra[c.name] = np.load(vdir / "eigvals.npy")
     sub = task_subspace(np.load(G_dir / "G.npy", mmap_mode="r"), selector.k, selector.variance)
     spectra[ckpt.name] = sub.eigvals
     spectra = dict(sorted(spectra.items(), key=lambda kv: int(kv[0].split("_")[1])))
