@@ -372,3 +372,23 @@ def test_evaluator_benchmarks_adds_other_targets(tmp_path):
     assert m["finetuned"]["gsm8k"]["n"] == 2 and m["finetuned"]["gsm_symbolic"]["n"] == 2
     with pytest.raises(ValueError, match="'nope' is not a target"):
         run(tmp_path, "evaluator.benchmarks=[nope]", "evaluator.include_base=false")
+
+
+def test_multi_task_target_selects_by_subtask_and_evaluates_each_task(tmp_path):
+    """target=[a,b]: the union of validation sets with task labels; LESS takes the max over
+    subtasks, G2IS and GIST run on it; evaluation reports each task."""
+    chain = (
+        "+target.chain_sum={validation: [{kind: reasoning_gym, name: chain_sum, n: 4, seed: 700}],"
+        " test: [{kind: reasoning_gym, name: chain_sum, n: 3, seed: 800}]}"
+    )
+    m = run(tmp_path, chain, "selector=less", "evaluator.include_base=false")
+    assert m["target"] == "gsm_symbolic+chain_sum"
+    assert set(m["finetuned"]) == {"gsm_symbolic", "chain_sum"}
+    assert m["target_sizes"]["validation"] == 8
+    assert set(m["diagnostics"]["subtask_of_max"]) <= {"gsm_symbolic", "chain_sum"}
+    assert sum(m["diagnostics"]["subtask_of_max"].values()) == 8
+    g = run(tmp_path, chain, "selector=g2is", "stage=select")
+    assert sum(g["selection_sources"].values()) == 8
+    s = run(tmp_path, chain, "selector=gist", "selector.space=sketch", "stage=select")
+    assert set(s["diagnostics"]["subtask_of_max"]) <= {"gsm_symbolic", "chain_sum"}
+    assert sum(s["diagnostics"]["subtask_of_max"].values()) == 8

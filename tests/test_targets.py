@@ -248,3 +248,16 @@ def test_evaluator_limit_per_task():
     limits = {"gsm8k": 30, "bbh": 2}
     assert task_limit(limits, "bbh/date_understanding") == 2
     assert task_limit(limits, "gsm8k") == 30 and task_limit(limits, "other") is None
+
+
+def test_a_task_with_a_typo_is_refused_on_load():
+    from omegaconf import OmegaConf
+
+    from dataselect.config import task_config
+
+    with pytest.raises(ValueError, match="target.t: .*validaton"):
+        task_config("t", OmegaConf.create({"validaton": []}))
+    with pytest.raises(ValueError, match="target.t"):
+        load_target(
+            OmegaConf.create({"t": {"answer_type": "number", "max_length": "x"}}), SHARED_DATA
+        )

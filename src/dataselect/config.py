@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's configs
 
@@ -167,7 +167,9 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
-    target: dict[str, TaskConfig] = field(default_factory=dict)
+    # task name -> TaskConfig. Typed as Any because Hydra cannot add a structured value from
+    # the command line (+target.x={...}); every task is checked by ``task_config`` on load.
+    target: dict[str, Any] = field(default_factory=dict)
     decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
     selector: Any = MISSING  # {_target_: dataselect.selectors...., knobs}
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
@@ -179,6 +181,17 @@ class RunConfig:
     # Published numbers a preset reproduces, e.g. {bbh: 41.5, random/bbh: 38.9, source: ...};
     # the report prints them beside ours.
     reference: dict[str, Any] | None = None
+
+
+def task_config(name: str, node: Any) -> DictConfig:
+    """A task's config checked against ``TaskConfig`` (defaults filled, typos refused)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TaskConfig), node)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"target.{name}: {e}".splitlines()[0]) from e
 
 
 def register() -> None:

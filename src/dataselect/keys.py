@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import Container, DictConfig, OmegaConf
 
 from dataselect.cache import content_key
+from dataselect.config import task_config
 
 
 def _plain(node: Any) -> Any:
@@ -47,11 +48,16 @@ def warmup_key(cfg: DictConfig) -> str:
     )
 
 
+def target_spec(cfg: DictConfig) -> dict:
+    """Every task of the target, checked and with its defaults filled."""
+    return {name: _plain(task_config(name, t)) for name, t in cfg.target.items()}
+
+
 def validation_spec(cfg: DictConfig) -> dict:
     """What determines the validation examples' tokens: each task's sources and token limit."""
     return {
-        name: {"validation": _plain(t.validation), "max_length": t.max_length}
-        for name, t in cfg.target.items()
+        name: {"validation": t["validation"], "max_length": t["max_length"]}
+        for name, t in target_spec(cfg).items()
     }
 
 
@@ -82,7 +88,7 @@ def select_key(cfg: DictConfig, features_key: str | None) -> str:
         {
             "model": model_spec(cfg),
             "pool": pool_spec(cfg),
-            "target": _plain(cfg.target),
+            "target": target_spec(cfg),
             "selector": _plain(cfg.selector),
             "budget": cfg.budget,
             "seed": cfg.seed,
@@ -111,7 +117,7 @@ def evaluate_key(cfg: DictConfig, adapter_key: str | None) -> str:
             "model": model_spec(cfg),
             "adapter": adapter_key,
             "evaluator": ev,
-            "target": _plain(cfg.target),
+            "target": target_spec(cfg),
         }
     )
 

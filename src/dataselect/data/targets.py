@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 import dataselect.data.benchmarks  # noqa: F401  (registers the gsm8k / bbh source kinds)
+from dataselect.config import task_config
 from dataselect.data.readers import drop_overlapping
 from dataselect.data.records import Example, RecordError, check_unique_ids
 from dataselect.data.sources import read_sources
@@ -109,7 +110,7 @@ def load_task(name: str, cfg: DictConfig, data_dir: Path) -> Task:
 def load_target(cfg: DictConfig, data_dir: Path) -> Target:
     if not cfg:
         raise RecordError("no target: choose one, e.g. target=gsm8k or target=[gsm8k,bbh]")
-    tasks = [load_task(name, t, data_dir) for name, t in cfg.items()]
+    tasks = [load_task(name, task_config(name, t), data_dir) for name, t in cfg.items()]
     target = Target(tasks)
     check_unique_ids(target.validation, f"target {target.name} validation")
     target.stats = {
