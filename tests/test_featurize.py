@@ -94,3 +94,14 @@ def test_adam_store_records_eps_share(setup, tmp_path):
     share = fz.eps_share(store)
     assert share is not None and 0.0 <= share <= 1.0
     assert fz.eps_share(run(model, toks, ckpt, pad, tmp_path / "s", "sgd")) is None
+
+
+def test_token_batches_bound_padded_tokens_and_keep_order():
+    from dataselect.data.formatting import Tokenized
+    from dataselect.features.featurize import token_batches
+
+    toks = [Tokenized(str(i), [1] * n, [1] * n) for i, n in enumerate([10, 10, 10, 50, 60, 200])]
+    batches = list(token_batches(toks, batch_size=4, max_tokens=120))
+    assert [[t.id for t in b] for b in batches] == [["0", "1", "2"], ["3", "4"], ["5"]]
+    assert all(len(b) * max(len(t.input_ids) for t in b) <= 120 for b in batches[:2])
+    assert [len(b) for b in token_batches(toks, batch_size=4, max_tokens=None)] == [4, 2]

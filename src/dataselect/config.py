@@ -88,6 +88,10 @@ class FeaturesConfig:
     checkpoints: Any = "all"  # "all" or a list of warmup epochs, e.g. [1]
     method: str = "batched"  # batched (one backward per batch) | loop (one per example)
     batch_size: int = 8
+    # padded tokens per batch (batch x longest): long examples get smaller batches, so a
+    # backward pass's activations stay bounded (BBH validation at 2k tokens x 8 ran out of
+    # 24 GB); null = batch_size alone
+    max_batch_tokens: int | None = 4096
     dtype: str = "float16"  # storage dtype of the features
     shard_size: int = 1024  # examples per store shard (the unit of resumption)
     sketch: SketchConfig = field(default_factory=SketchConfig)

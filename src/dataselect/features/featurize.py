@@ -62,6 +62,29 @@ def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
         yield advance
 
 
+def token_batches(
+    todo: list[Tokenized], batch_size: int, max_tokens: int | None
+) -> Iterator[list[Tokenized]]:
+    """Consecutive batches of at most ``batch_size`` examples and ``max_tokens`` padded tokens
+    (batch x longest), so long examples (BBH validation: 2k tokens) get small batches and the
+    activations of a backward pass stay bounded; an example longer than ``max_tokens`` goes
+    alone. Order is kept: the store's rows follow the input."""
+    chunk: list[Tokenized] = []
+    longest = 0
+    for t in todo:
+        n = len(t.input_ids)
+        if chunk and (
+            len(chunk) == batch_size
+            or (max_tokens is not None and (len(chunk) + 1) * max(longest, n) > max_tokens)
+        ):
+            yield chunk
+            chunk, longest = [], 0
+        chunk.append(t)
+        longest = max(longest, n)
+    if chunk:
+        yield chunk
+
+
 def gradient_batches(
     model,
     todo: list[Tokenized],
@@ -73,6 +96,7 @@ def gradient_batches(
     meta: dict | None = None,
     adam_form: str = "less",
     description: str = "gradients",
+    max_tokens: int | None = None,
 ) -> Iterator[tuple[list[Tokenized], torch.Tensor, torch.Tensor]]:
     """(examples, raw gradients g (B, D), features (B, D)) batch by batch, with a progress bar.
 
@@ -80,8 +104,7 @@ def gradient_batches(
     meta = meta or {}
     device = next(model.parameters()).device
     with progress(description, len(todo)) as advance:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
+        for chunk in token_batches(todo, batch_size, max_tokens):
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
             g = per_example_grads(model, batch, method=method)
             feats = to_features(
@@ -112,6 +135,7 @@ def featurize(
     adam_form: str = "less",
     dtype: str = "float16",
     shard_size: int = 1024,
+    max_tokens: int | None = None,
 ) -> GradientStore:
     """Write the features of ``examples`` into a store at ``out``; returns its reader.
 
@@ -158,6 +182,7 @@ def featurize(
         meta,
         adam_form,
         f"gradients ({gradient_type})",
+        max_tokens,
     )
     for chunk, g, feats in batches:
         extra = None

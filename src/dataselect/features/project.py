@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dataselect.data.formatting import Tokenized
-from dataselect.features.featurize import gradient_batches, length_order
+from dataselect.features.featurize import gradient_batches, length_order, token_batches
 from dataselect.features.gradients import grad_dim, per_example_grads
 from dataselect.features.store import GradientStore, StoreWriter
 from dataselect.training.data import collate
@@ -27,15 +27,18 @@ def full_gradients(
     pad_id: int,
     batch_size: int = 8,
     method: str = "batched",
+    max_tokens: int | None = None,
 ) -> np.ndarray:
     """SGD gradients (N x D, float32) of ``examples`` in the given order, as an .npy memmap."""
     device = next(model.parameters()).device
     G = np.lib.format.open_memmap(
         out, mode="w+", dtype=np.float32, shape=(len(examples), grad_dim(model))
     )
-    for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[s : s + batch_size], pad_id).items()}
-        G[s : s + batch_size] = per_example_grads(model, batch, method).cpu().numpy()
+    s = 0
+    for chunk in token_batches(examples, batch_size, max_tokens):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        G[s : s + len(chunk)] = per_example_grads(model, batch, method).cpu().numpy()
+        s += len(chunk)
     G.flush()
     return G
 
@@ -54,6 +57,7 @@ def project_pool(
     batch_size: int = 8,
     method: str = "batched",
     shard_size: int = 1024,
+    max_tokens: int | None = None,
 ) -> GradientStore:
     """One pass: coordinates P^T g (k floats per example) and |g| into a store at ``out``."""
     device = next(model.parameters()).device
@@ -78,6 +82,7 @@ def project_pool(
         adam,
         adam_meta,
         description=f"GIST pass ({gradient_type})",
+        max_tokens=max_tokens,
     )
     for chunk, _, f in batches:  # |f|, not |g|: the energy share is of what is projected
         writer.add(

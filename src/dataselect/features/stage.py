@@ -128,6 +128,7 @@ def run_features(
                     adam_form=fc.adam_form,
                     dtype=fc.dtype,
                     shard_size=fc.shard_size,
+                    max_tokens=fc.max_batch_tokens,
                 )
 
             stores[stage] = GradientStore(run.artifact(stage, key, build, resume=True))
@@ -179,6 +180,7 @@ def run_gist_pass(
                 run.tokenizer.pad_token_id,
                 fc.batch_size,
                 fc.method,
+                fc.max_batch_tokens,
             )
             (work / "ids.json").write_text(json.dumps([t.id for t in val_toks]))
             if not chosen:  # only the spectrum is wanted here: keep N eigenvalues, not N x D
@@ -227,6 +229,7 @@ def run_gist_pass(
             batch_size=fc.batch_size,
             method=fc.method,
             shard_size=fc.shard_size,
+            max_tokens=fc.max_batch_tokens,
         )
 
     store = GradientStore(run.artifact("gist_pass", pool_key, build, resume=True))
