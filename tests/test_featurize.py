@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -34,7 +35,7 @@ def setup(tiny_model_dir, tiny_tokenizer, toy_examples, tmp_path):
     return model, toks, ckpt, tiny_tokenizer.pad_token_id
 
 
-def run(model, toks, ckpt, pad_id, out, gtype):
+def run(model, toks, ckpt, pad_id, out, gtype, max_tokens=None):
     sketch = SketchSpec("sjlt", grad_dim(model), 32, seed=1)
     return fz.featurize(
         model,
@@ -48,6 +49,7 @@ def run(model, toks, ckpt, pad_id, out, gtype):
         batch_size=2,
         shard_size=4,
         dtype="float32",
+        max_tokens=max_tokens,
     )
 
 
@@ -105,3 +107,12 @@ def test_token_batches_bound_padded_tokens_and_keep_order():
     assert [[t.id for t in b] for b in batches] == [["0", "1", "2"], ["3", "4"], ["5"]]
     assert all(len(b) * max(len(t.input_ids) for t in b) <= 120 for b in batches[:2])
     assert [len(b) for b in token_batches(toks, batch_size=4, max_tokens=None)] == [4, 2]
+
+
+def test_token_budget_changes_batches_not_features(setup, tmp_path):
+    model, toks, ckpt, pad = setup
+    a = run(model, toks, ckpt, pad, tmp_path / "a", "sgd")
+    longest = max(len(t.input_ids) for t in toks)
+    b = run(model, toks, ckpt, pad, tmp_path / "b", "sgd", max_tokens=longest)  # 1 per batch
+    assert a.ids == b.ids
+    np.testing.assert_allclose(a.features(), b.features(), rtol=1e-4, atol=1e-6)
