@@ -47,6 +47,23 @@ def run(tmp_path: Path, *overrides: str) -> dict:
     return main_cfg(cfg)
 
 
+def multirun(tmp_path: Path, *overrides: str) -> list[dict]:
+    """A real ``dataselect -m`` in a subprocess; every job's metrics, in job order."""
+    cmd = [
+        *(sys.executable, "-m", "dataselect", "-m"),
+        *FAST,
+        *overrides,
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(
+        (p for p in (tmp_path / "multi").iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
+    return [json.loads((p / "metrics.json").read_text()) for p in jobs]
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipe")
@@ -102,47 +119,15 @@ def test_impossible_budget_fails_before_training(tmp_path):
 
 def test_cli_multirun_shares_warmup(tmp_path):
     """A real Hydra multirun of 2 budgets: one warmup, the second job hits it."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "dataselect",
-        "-m",
-        *FAST,
-        "budget=4,6",
-        "stage=select",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"hydra.sweep.dir={tmp_path / 'multi'}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    hits = [
-        json.loads((tmp_path / "multi" / str(i) / "metrics.json").read_text())["cache_hits"]
-        for i in (0, 1)
-    ]
+    hits = [m["cache_hits"] for m in multirun(tmp_path, "budget=4,6", "stage=select")]
     assert hits == [{"warmup": False, "select": False}, {"warmup": True, "select": False}]
     assert len(list((tmp_path / "cache" / "warmup").glob("[!.]*"))) == 1
 
 
 def test_multirun_of_two_selectors_by_two_budgets_computes_warmup_and_features_once(tmp_path):
     """Acceptance: LESS and G2IS x 2 budgets share one warmup and one pool gradient store."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "dataselect",
-        "-m",
-        *FAST,
-        "selector=less,g2is",
-        "budget=4,6",
-        "stage=select",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"hydra.sweep.dir={tmp_path / 'multi'}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    hits = [
-        json.loads((tmp_path / "multi" / str(i) / "metrics.json").read_text())["cache_hits"]
-        for i in range(4)
-    ]
+    jobs = multirun(tmp_path, "selector=less,g2is", "budget=4,6", "stage=select")
+    hits = [m["cache_hits"] for m in jobs]
     assert hits[0] == {"warmup": False, "features": False, "features_val": False, "select": False}
     for h in hits[1:]:
         assert h == {"warmup": True, "features": True, "features_val": True, "select": False}
@@ -315,20 +300,7 @@ def test_report_on_a_real_multirun(tmp_path):
     from dataselect.report.multirun import collect_runs, summarize
 
     sweep = tmp_path / "multi"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dataselect",
-        "-m",
-        *FAST,
-        "selector=random,less",
-        "seed=0,1",
-        "warmup.seed=0",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"hydra.sweep.dir={sweep}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = multirun(tmp_path, "selector=random,less", "seed=0,1", "warmup.seed=0")
     report = subprocess.run(
         [sys.executable, "-m", "dataselect.report.cli", str(sweep)],
         capture_output=True,
@@ -336,7 +308,6 @@ def test_report_on_a_real_multirun(tmp_path):
         timeout=120,
     )
     assert report.returncode == 0, report.stderr[-3000:]
-    metrics = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(4)]
     assert len(list((tmp_path / "cache" / "warmup").glob("[!.]*"))) == 1  # warmup.seed shared
     assert all(m["selection_sources"] and m["target"] == "gsm_symbolic" for m in metrics)
     rows = {r.selector: r for r in summarize(collect_runs(sweep).records)}
