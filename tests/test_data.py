@@ -137,3 +137,12 @@ def test_tokenize_memo_reuses_results(tiny_tokenizer, toy_examples, monkeypatch)
     monkeypatch.setattr(fmt, "tokenize_example", lambda *a: calls.append(1) or real(*a))
     again, stats = tokenize_examples(tiny_tokenizer, toy_examples[:5], 64, memo)
     assert calls == [] and again == first[:5] and stats.kept == 5
+
+
+def test_tokenize_memo_is_per_token_limit(tiny_tokenizer, toy_examples):
+    """The same example at two limits (pool vs a validation task's own) is cut twice."""
+    memo: dict = {}
+    long, _ = tokenize_examples(tiny_tokenizer, toy_examples[:1], 1000, memo)
+    limit = len(long[0].input_ids) - 1  # cuts the end-of-turn token, keeps the answer
+    short, stats = tokenize_examples(tiny_tokenizer, toy_examples[:1], limit, memo)
+    assert len(short[0].input_ids) == limit and stats.truncated == 1

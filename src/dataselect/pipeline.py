@@ -63,7 +63,7 @@ class Run:
     built: set[Path] = field(default_factory=set)  # artifacts this run computed (not hits)
     cost_records: list[dict] = field(default_factory=list)  # artifacts the selection rests on
     _tokenizer: Any = None
-    _token_memo: dict = field(default_factory=dict)  # example id -> tokenized, once per run
+    _token_memo: dict = field(default_factory=dict)  # (id, max_length) -> tokenized, once a run
 
     @property
     def cache_dir(self) -> Path:

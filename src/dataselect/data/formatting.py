@@ -108,15 +108,17 @@ def tokenize_examples(
 ) -> tuple[list[Tokenized], FormatStats]:
     """Tokenize many; drop (and count) those whose answer tokens were all truncated away.
 
-    ``memo`` (id -> result) lets one run tokenize each example once across its stages."""
+    ``memo`` ((id, max_length) -> result) lets one run tokenize each example once across its
+    stages; the limit is part of the key because validation tasks may set their own."""
     stats = FormatStats()
     out: list[Tokenized] = []
     for ex in examples:
-        if memo is None or ex.id not in memo:
+        key = (ex.id, max_length)
+        if memo is None or key not in memo:
             result = tokenize_example(tokenizer, ex, max_length)
             if memo is not None:
-                memo[ex.id] = result
-        tok, truncated = result if memo is None else memo[ex.id]
+                memo[key] = result
+        tok, truncated = result if memo is None else memo[key]
         stats.truncated += truncated
         if tok.n_loss_tokens == 0:
             stats.dropped_no_answer_tokens += 1
