@@ -73,3 +73,15 @@ def test_wandb_group_defaults_to_the_sweep_in_a_multirun():
         assert sweep_group() == "2026-11-22/10-00-00"
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_decontamination_is_part_of_the_selection_key():
+    """It decides the candidates, so a cached selection must not outlive a change to it."""
+    from dataselect.keys import select_key
+
+    def key(*overrides):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return select_key(compose("config", overrides=list(overrides)), None)
+
+    assert key() == key() != key("decontamination.ngram=0")
+    assert key() != key("decontamination.exact=false")

@@ -93,6 +93,7 @@ def select_key(cfg: DictConfig, features_key: str | None) -> str:
             "budget": cfg.budget,
             "seed": cfg.seed,
             "features": features_key,
+            "decontamination": _plain(cfg.decontamination),  # decides the candidates
         }
     )
 
