@@ -63,18 +63,18 @@ def test_killed_featurization_resumes_to_identical_store(setup, tmp_path, monkey
     whole = run(model, toks, ckpt, pad, tmp_path / "whole", gtype)
     assert len(whole) == len(toks) == 12 and whole.meta["spec"]["gradient_type"] == gtype
 
-    real_add, calls = StoreWriter.add, []
+    real_write, calls = StoreWriter.write_shard, []
 
-    def dying_add(self, *a, **k):
+    def dying_write(self, *a, **k):
         calls.append(1)
-        if len(calls) == 4:  # after 1 full shard (4 rows) and 2 buffered rows
+        if len(calls) == 2:  # after 1 full shard (4 rows), inside the second
             raise KeyboardInterrupt("killed")
-        return real_add(self, *a, **k)
+        return real_write(self, *a, **k)
 
-    monkeypatch.setattr(StoreWriter, "add", dying_add)
+    monkeypatch.setattr(StoreWriter, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         run(model, toks, ckpt, pad, tmp_path / "resumed", gtype)
-    monkeypatch.setattr(StoreWriter, "add", real_add)
+    monkeypatch.setattr(StoreWriter, "write_shard", real_write)
     with pytest.raises(FileNotFoundError):  # never readable while incomplete
         GradientStore(tmp_path / "resumed")
 

@@ -161,14 +161,13 @@ def test_shard_without_marker_is_never_read(tmp_path):
     (st.path / "shard_00001.COMPLETE").unlink()
     with pytest.raises(FileNotFoundError, match="shard 00001.*COMPLETE"):
         GradientStore(st.path)
-    w = new_writer(st.path)  # keeps shard 0 only: the leading run of complete shards
+    w = new_writer(st.path)  # keeps every complete shard (0 and 2), drops shard 1's files
     assert w.done_rows == 1000 and w.pending() == range(1000, N)
+    assert w.complete_shards() == [0, 2] and w.pending_shards() == [1]
     assert sorted(p.name for p in st.path.glob("shard_*")) == [
-        "shard_00000.COMPLETE",
-        "shard_00000.json",
-        "shard_00000.npy",
+        f"shard_0000{i}.{s}" for i in (0, 2) for s in ("COMPLETE", "json", "npy")
     ]
-    write(st.path, w.pending(), w)
+    write(st.path, w.pending(), w)  # the sequential writer rewrites shard 2: the same bytes
     assert file_bytes(w.close().path) == file_bytes(ref.path)
     (st.path / "meta.json").unlink()
     with pytest.raises(FileNotFoundError, match="meta.json"):
@@ -223,6 +222,7 @@ def test_disk_full_leaves_no_partial_shard(tmp_path, monkeypatch, fail_at):
     with pytest.raises(OSError) as err:
         w.add(ids[1000:2000], feats[1000:2000], ntok[1000:2000], norms[1000:2000])
     assert err.value.errno == errno.ENOSPC
+    assert f"shard 1 of {path}" in str(err.value) and "no partial shard" in str(err.value)
     assert sorted(p.name for p in path.iterdir()) == [
         "meta.json",
         "shard_00000.COMPLETE",
@@ -273,3 +273,15 @@ def test_bytes_on_disk(tmp_path):
     assert payload == N * D * 2 and headers == 128 * len(npy)  # .npy v1.0 header: 128 B
     others = sum(p.stat().st_size for p in st.path.iterdir() if p.suffix != ".npy")
     assert st.bytes_on_disk() == payload + headers + others
+
+
+def test_expect_names_a_store_from_another_model_or_sketch(tmp_path):
+    st = full_store(tmp_path / "s")
+    st.expect({"sketch": dict(SPEC["sketch"])})  # its own spec: fine
+    with pytest.raises(
+        StoreMismatch,
+        match=r"not written for this run \(model: 'tiny' != 'another-model'.*delete it",
+    ):
+        st.expect({"model": "another-model"})
+    with pytest.raises(StoreMismatch, match=r"sketch\.seed"):
+        st.expect({"sketch": {**SPEC["sketch"], "seed": 7}})

@@ -1,3 +1,4 @@
 from dataselect.cli import main
 
-main()
+if __name__ == "__main__":  # spawned DDP ranks import this module: they must not run main
+    main()

@@ -82,6 +82,22 @@ class SketchConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How a store is computed; never part of its key (every mode writes the same bytes)."""
+
+    mode: str = "none"  # none (this process) | ddp (Lightning DDP ranks) | submitit (array)
+    devices: int = 2  # ddp: processes (CPU, gloo) or GPUs
+    accelerator: str = "cpu"  # ddp: cpu | gpu | auto
+    tasks: int = 2  # submitit: array tasks, each a share of the shards
+    # submitit: cluster null = Slurm when sbatch is found, else local processes; "debug" runs
+    # in this process. The other keys go to executor.update_parameters (timeout_min,
+    # slurm_partition, gpus_per_node, cpus_per_task, mem_gb, ...)
+    submitit: dict[str, Any] = field(
+        default_factory=lambda: {"cluster": None, "folder": None, "timeout_min": 240}
+    )
+
+
+@dataclass
 class FeaturesConfig:
     gradient_type: str = "adam"  # pool features: adam | sgd | sign (validation: always sgd)
     adam_form: str = "less"  # less (code: no bias correction, eps inside sqrt) | textbook
@@ -95,6 +111,7 @@ class FeaturesConfig:
     dtype: str = "float16"  # storage dtype of the features
     shard_size: int = 1024  # examples per store shard (the unit of resumption)
     sketch: SketchConfig = field(default_factory=SketchConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 @dataclass

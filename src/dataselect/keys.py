@@ -1,5 +1,6 @@
 """Cache keys: what determines each artifact. A key hashes the resolved config that decides
-an artifact plus its upstream keys, so a sweep pays once for what its jobs share."""
+an artifact plus its upstream keys (and ``ARTIFACTS_VERSION``), so a sweep pays once for
+what its jobs share."""
 
 from __future__ import annotations
 
@@ -7,8 +8,18 @@ from typing import Any
 
 from omegaconf import Container, DictConfig, OmegaConf
 
-from dataselect.cache import content_key
+from dataselect.cache import content_key as _content_key
 from dataselect.config import task_config
+
+# Salted into every key. Bump it when code changes what an artifact holds for the same config
+# (data order, batching, a file layout): a cache then never serves an artifact the current
+# code would not build. 2: shard-aligned featurize batches, (seed, epoch) shuffles, resumable
+# training checkpoints.
+ARTIFACTS_VERSION = 2
+
+
+def content_key(obj: Any) -> str:
+    return _content_key({"artifacts_version": ARTIFACTS_VERSION, "config": obj})
 
 
 def _plain(node: Any) -> Any:

@@ -1,16 +1,20 @@
 """Featurize: examples -> per-example gradient features at one checkpoint -> a gradient store.
 
-One pass: batches of length-sorted examples (less padding), one forward + backward per batch
+One pass, shard by shard: the examples sorted longest first (less padding), each shard's rows
+in token-bounded batches that never cross the shard, one forward + backward per batch
 (``gradients.per_example_grads``), the gradient-type transform (sgd | sign | adam from the
-checkpoint's saved AdamW state), the sketch, then ``StoreWriter.add``. The writer keeps
-finished shards, so a killed pass resumes where it stopped, and yields the same bytes.
+checkpoint's saved AdamW state), the sketch, then ``StoreWriter.write_shard``. A shard's bytes
+depend only on its examples, so a killed pass resumes from its finished shards, and DDP ranks
+or array tasks (``distributed.py``) each writing their own shards give the same store.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dataselect.cache import content_key
+from dataselect.cache import content_key, try_lock
 from dataselect.data.formatting import Tokenized
 from dataselect.features.gradients import (
     eps_dominance,
@@ -43,8 +47,11 @@ def length_order(examples: list[Tokenized]) -> list[Tokenized]:
 
 
 @contextmanager
-def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar with examples/s; yields ``advance(n)``."""
+def progress(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar with examples/s; yields ``advance(n)`` (a no-op when disabled)."""
+    if not enabled:
+        yield lambda n: None
+        return
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -120,7 +127,116 @@ def gradient_batches(
             advance(len(chunk))
 
 
-def featurize(
+@dataclass
+class FeaturizeJob:
+    """Everything a worker needs to compute shards of one store, minus the model (a worker
+    loads its own: see ``distributed.py``). Picklable, so DDP ranks and Slurm array tasks
+    receive it whole."""
+
+    examples: list[Tokenized] | dict[int, Tokenized]  # by store row (``length_order``)
+    n_total: int
+    out: Path
+    dim: int  # the store's row width (the sketch's output)
+    meta_spec: dict  # the store's spec (``featurize`` fills it)
+    sketch: SketchSpec
+    gradient_type: str
+    checkpoint: Path | None
+    pad_id: int
+    batch_size: int = 8
+    method: str = "batched"
+    adam_form: str = "less"
+    dtype: str = "float16"
+    shard_size: int = 1024
+    max_tokens: int | None = None
+    trace: Path | None = None  # tests/drills: each worker appends "pid shard" lines here
+
+    def writer(self, tidy: bool = True) -> StoreWriter:
+        return StoreWriter(
+            self.out,
+            self.dim,
+            self.n_total,
+            self.meta_spec,
+            dtype=self.dtype,
+            shard_size=self.shard_size,
+            tidy=tidy,
+        )
+
+
+def _adam_state(model, job: FeaturizeJob):
+    if job.gradient_type != "adam":
+        return None, {}
+    if job.checkpoint is None:
+        raise ValueError("gradient_type=adam needs a checkpoint with saved optimizer state")
+    state, meta = load_optimizer_state(job.checkpoint)
+    return flat_adam_state(state, [n for n, _ in lora_parameters(model)]), meta
+
+
+def compute_shards(
+    model, job: FeaturizeJob, shards: list[int], writer: StoreWriter, bar: bool = True
+) -> int:
+    """Compute and write ``shards`` of the job's store; returns how many this call wrote.
+
+    Batches never cross a shard (so a shard's bytes do not depend on which process computed
+    it, or on where a killed run stopped), and a shard another process is computing right now
+    (its lock is held) or has finished is skipped."""
+    adam, meta = _adam_state(model, job)
+    projector = Sketch(job.sketch, device=next(model.parameters()).device)
+    rows = sum(len(writer.shard_rows(i)) for i in shards)
+    wrote = 0
+    with progress(f"gradients ({job.gradient_type})", rows, enabled=bar) as advance:
+        for i in shards:
+            with try_lock(writer.shard_lock(i)) as mine:
+                if not mine or writer.is_complete(i):
+                    advance(len(writer.shard_rows(i)))
+                    continue
+                todo = [job.examples[r] for r in writer.shard_rows(i)]
+                cols = shard_features(model, todo, job, projector, adam, meta, advance)
+                writer.write_shard(i, *cols)
+                wrote += 1
+                if job.trace is not None:
+                    with open(job.trace, "a") as fh:
+                        fh.write(f"{os.getpid()} {i}\n")
+    return wrote
+
+
+def shard_features(model, todo, job: FeaturizeJob, projector, adam, meta, advance=None):
+    """(ids, features, n_tokens, grad_norms, extra) of one shard's examples, batch by batch."""
+    feats, norms, extra = [], [], {"eps_share": []} if adam is not None else None
+    device = next(model.parameters()).device
+    for chunk in token_batches(todo, job.batch_size, job.max_tokens):
+        batch = {k: v.to(device) for k, v in collate(chunk, job.pad_id).items()}
+        try:
+            g = per_example_grads(model, batch, method=job.method)
+        except FloatingPointError as err:  # name the examples, not batch rows
+            raise FloatingPointError(
+                f"{err} of batch {[t.id for t in chunk]} (store {job.out}); check these "
+                "examples or the checkpoint (a NaN loss in warmup poisons every gradient)"
+            ) from err
+        f = to_features(
+            g,
+            job.gradient_type,
+            adam,
+            betas=meta.get("betas", (0.9, 0.999)),
+            eps=meta.get("eps", 1e-8),
+            step=meta.get("step"),
+            adam_form=job.adam_form,
+        )
+        feats.append(projector.project(f).cpu().numpy())
+        norms += g.norm(dim=1).tolist()
+        if extra is not None:
+            extra["eps_share"] += eps_dominance(g, adam[1], meta["betas"], meta["eps"]).tolist()
+        if advance is not None:
+            advance(len(chunk))
+    return (
+        [t.id for t in todo],
+        np.concatenate(feats),
+        [t.n_loss_tokens for t in todo],
+        norms,
+        extra,
+    )
+
+
+def featurize_job(
     model,
     examples: list[Tokenized],
     out: Path,
@@ -136,65 +252,54 @@ def featurize(
     dtype: str = "float16",
     shard_size: int = 1024,
     max_tokens: int | None = None,
-) -> GradientStore:
+) -> FeaturizeJob:
+    """The job that fills a store at ``out`` with the features of ``examples``."""
+    names = [n for n, _ in lora_parameters(model)]
+    layout = {"dim": sketch.dim_in, "params": content_key(names)}  # which gradient coordinates
+    meta_spec = {
+        **spec,
+        "sketch": sketch.to_dict(),
+        "layout": layout,
+        "gradient_type": gradient_type,
+        "adam_form": adam_form if gradient_type == "adam" else None,
+    }
+    return FeaturizeJob(
+        length_order(examples),
+        len(examples),
+        Path(out),
+        sketch.dim_out,
+        meta_spec,
+        sketch,
+        gradient_type,
+        checkpoint,
+        pad_id,
+        batch_size,
+        method,
+        adam_form,
+        dtype,
+        shard_size,
+        max_tokens,
+    )
+
+
+def featurize(model, examples: list[Tokenized], out: Path, **kw) -> GradientStore:
     """Write the features of ``examples`` into a store at ``out``; returns its reader.
 
     ``model`` is the PeftModel with the checkpoint's adapter loaded; ``checkpoint`` is the
     epoch dir whose optimizer state the adam type needs. ``spec`` goes into the store's
-    metadata (with the sketch's) so that only compatible stores are ever compared.
+    metadata (with the sketch's) so that only compatible stores are ever compared. A store
+    left unfinished (killed run, other processes) is resumed: only missing shards are computed.
+    Keywords: those of ``featurize_job``.
     """
-    names = [n for n, _ in lora_parameters(model)]
-    adam, meta = None, {}
-    if gradient_type == "adam":
-        if checkpoint is None:
-            raise ValueError("gradient_type=adam needs a checkpoint with saved optimizer state")
-        state, meta = load_optimizer_state(checkpoint)
-        adam = flat_adam_state(state, names, [p.shape for _, p in lora_parameters(model)])
-    device = next(model.parameters()).device
-    projector = Sketch(sketch, device=device)
-    ordered = length_order(examples)
-    layout = {"dim": sketch.dim_in, "params": content_key(names)}  # which gradient coordinates
-    writer = StoreWriter(
-        out,
-        sketch.dim_out,
-        len(ordered),
-        {
-            **spec,
-            "sketch": sketch.to_dict(),
-            "layout": layout,
-            "gradient_type": gradient_type,
-            "adam_form": adam_form if adam else None,
-        },
-        dtype=dtype,
-        shard_size=shard_size,
-    )
-    todo = ordered[writer.done_rows :]
-    if writer.done_rows:
-        log.info("featurize: resuming %s after %d finished rows", out.name, writer.done_rows)
-    batches = gradient_batches(
-        model,
-        todo,
-        pad_id,
-        batch_size,
-        method,
-        gradient_type,
-        adam,
-        meta,
-        adam_form,
-        f"gradients ({gradient_type})",
-        max_tokens,
-    )
-    for chunk, g, feats in batches:
-        extra = None
-        if adam is not None:
-            extra = {"eps_share": eps_dominance(g, adam[1], meta["betas"], meta["eps"]).tolist()}
-        writer.add(
-            [t.id for t in chunk],
-            projector.project(feats).cpu().numpy(),
-            [t.n_loss_tokens for t in chunk],
-            g.norm(dim=1).tolist(),
-            extra,
-        )
+    job = featurize_job(model, examples, out, **kw)
+    writer = job.writer()
+    todo = writer.pending_shards()
+    if len(todo) < writer.n_shards:
+        log.info(
+            "featurize: resuming %s, %d of %d shards done", out.name, writer.n_shards - len(todo),
+            writer.n_shards,
+        )  # fmt: skip
+    compute_shards(model, job, todo, writer)
     return writer.close()
 
 

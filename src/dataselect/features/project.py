@@ -2,8 +2,8 @@
 
 ``full_gradients`` writes N x D validation gradients to a memory-mapped .npy (N is small: the
 validation set). ``project_pool`` streams the pool once: per batch, B x D gradients, then
-their coordinates ``g @ P`` (B x k) go to a resumable store; no full-D gradient outlives its
-batch.
+their coordinates ``g @ P`` (B x k) go to a resumable store, shard by shard; no full-D
+gradient outlives its batch.
 """
 
 from __future__ import annotations
@@ -71,24 +71,26 @@ def project_pool(
         dtype="float32",
         shard_size=shard_size,
     )
-    todo = ordered[writer.done_rows :]
-    batches = gradient_batches(
-        model,
-        todo,
-        pad_id,
-        batch_size,
-        method,
-        gradient_type,
-        adam,
-        adam_meta,
-        description=f"GIST pass ({gradient_type})",
-        max_tokens=max_tokens,
-    )
-    for chunk, _, f in batches:  # |f|, not |g|: the energy share is of what is projected
-        writer.add(
-            [t.id for t in chunk],
-            (f @ Pt).cpu().numpy(),
-            [t.n_loss_tokens for t in chunk],
-            f.norm(dim=1).tolist(),
+    shards = writer.pending_shards()
+    for n, i in enumerate(shards):  # batches within a shard: its bytes do not depend on resumes
+        rows = [ordered[r] for r in writer.shard_rows(i)]
+        batches = gradient_batches(
+            model,
+            rows,
+            pad_id,
+            batch_size,
+            method,
+            gradient_type,
+            adam,
+            adam_meta,
+            description=f"GIST pass ({gradient_type}) {n + 1}/{len(shards)}",
+            max_tokens=max_tokens,
+        )
+        coords, norms = [], []
+        for _, _, f in batches:  # |f|, not |g|: the energy share is of what is projected
+            coords.append((f @ Pt).cpu().numpy())
+            norms += f.norm(dim=1).tolist()
+        writer.write_shard(
+            i, [t.id for t in rows], np.concatenate(coords), [t.n_loss_tokens for t in rows], norms
         )
     return writer.close()

@@ -14,7 +14,8 @@ from dataselect import models
 from dataselect.cache import content_key
 from dataselect.data.records import Example
 from dataselect.data.targets import Target
-from dataselect.features.featurize import eps_share, featurize
+from dataselect.features.distributed import ModelAt, featurize_array, featurize_ddp, make_executor
+from dataselect.features.featurize import compute_shards, eps_share, featurize_job
 from dataselect.features.gradients import flat_adam_state, grad_dim, lora_parameters
 from dataselect.features.project import full_gradients, project_pool
 from dataselect.features.sketch import SketchSpec
@@ -59,6 +60,15 @@ class CheckpointModels:
     def __init__(self, run: Run):
         self.run, self.name, self.model = run, None, None
 
+    def release(self) -> None:
+        """Free the loaded model (before worker processes load their own)."""
+        self.name, self.model = None, None
+
+    def recipe(self, ckpt: Path) -> ModelAt:
+        """What a worker process needs to load the same model itself."""
+        plain = OmegaConf.to_container(self.run.cfg.model, resolve=True)
+        return ModelAt(plain, str(self.run.cache_dir), str(ckpt / "adapter"))
+
     def __call__(self, ckpt: Path):
         if self.name != ckpt.name:
             self.model = None  # free the previous one first
@@ -66,6 +76,28 @@ class CheckpointModels:
             self.model = models.with_adapter(base, ckpt / "adapter", trainable=True)
             self.name = ckpt.name
         return self.model
+
+
+def run_job(run: Run, job, model_at: CheckpointModels, ckpt: Path, dist) -> None:
+    """Compute a store in this process, over DDP ranks, or as a submitit array (the same
+    bytes in every mode: see ``distributed.py``)."""
+    mode = "none" if dist is None else dist.mode
+    if mode == "none":
+        model = model_at(ckpt)
+        writer = job.writer()
+        compute_shards(model, job, writer.pending_shards(), writer)
+        writer.close()
+    elif mode == "ddp":
+        model_at.release()
+        featurize_ddp(job, model_at.recipe(ckpt), int(dist.devices), dist.accelerator)
+    elif mode == "submitit":
+        executor = make_executor(
+            OmegaConf.to_container(dist.submitit, resolve=True), run.cache_dir / "submitit"
+        )
+        model_at.release()
+        featurize_array(job, model_at.recipe(ckpt), int(dist.tasks), executor)
+    else:
+        raise ValueError(f"features.distributed.mode must be none | ddp | submitit, got {mode!r}")
 
 
 def validation_tokens(run: Run, target: Target):
@@ -112,9 +144,9 @@ def run_features(
             ("features_val", val_key, val_toks, "sgd"),
         ):
 
-            def build(work: Path, toks=toks, gtype=gtype, ckpt=ckpt, spec=spec) -> None:
+            def build(work: Path, toks=toks, gtype=gtype, ckpt=ckpt, spec=spec, stage=stage):
                 model = model_at(ckpt)
-                featurize(
+                job = featurize_job(
                     model,
                     toks,
                     work,
@@ -130,8 +162,18 @@ def run_features(
                     shard_size=fc.shard_size,
                     max_tokens=fc.max_batch_tokens,
                 )
+                dist = fc.distributed if stage == "features" else None  # validation: small
+                run_job(run, job, model_at, ckpt, dist)
 
             stores[stage] = GradientStore(run.artifact(stage, key, build, resume=True))
+            stores[stage].expect(
+                {
+                    **spec,
+                    "gradient_type": gtype,
+                    "sketch": {k: fc.sketch[k] for k in ("kind", "seed")}
+                    | ({"dim_out": fc.sketch.dim} if fc.sketch.kind != "none" else {}),
+                }
+            )
             if stage == "features":
                 run.record_cost(
                     "pool", stores[stage].path, stores[stage].bytes_on_disk(), len(pool)

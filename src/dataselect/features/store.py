@@ -7,14 +7,18 @@ Layout (``S`` = shard_size; shard ``i`` holds rows ``[i*S, (i+1)*S)``, the last 
     shard_00000.json      {"ids", "n_tokens", "grad_norms", "rows", "extra"}
     shard_00000.COMPLETE  written last, after the fsync of both files: only then is it trusted
 
-A killed writer leaves complete shards and at most one untrusted one, which a resuming writer
-deletes before computing only ``pending()``: the result is byte-identical to an uninterrupted
-write. ``spec`` (model, checkpoint, gradient type, sketch) is opaque here; ``check_compatible``
+Shards are independent: any process may write any shard (``write_shard``), so the ranks of a
+DDP run or the tasks of a Slurm array fill one store side by side, each its own shards (temp
+names carry the writer's pid, and ``featurize`` takes a per-shard lock). A killed writer leaves
+complete shards and at most one untrusted one per writer; a resuming writer keeps every complete
+shard, deletes the rest and computes only what is missing: the result is byte-identical to an
+uninterrupted write. ``spec`` (model, checkpoint, gradient type, sketch) is opaque here; ``check_compatible``
 compares it. 270,679 x 8192 x 2 B (fp16) = 4.4 GB a checkpoint, read via ``mmap_mode="r"``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -26,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dataselect.cache import _fsync_dir
+from dataselect.cache import _fsync_dir, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,8 @@ def _shard(path: Path, i: int, suffix: str) -> Path:
 
 
 def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+    """A temp name private to this process: two writers never share one."""
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
 
 
 def _fsync(fh: Any) -> None:
@@ -118,7 +123,13 @@ class StoreWriter:
         spec: dict,
         dtype: str = "float16",
         shard_size: int = 1024,
+        tidy: bool = True,
     ) -> None:
+        """Create the store, or reopen one with the same metadata (else ``StoreMismatch``).
+
+        ``tidy`` deletes the files of unfinished shards left by killed writers; only the one
+        process that coordinates a store may tidy (a worker beside others passes False: a
+        sibling's half-written shard is not stale)."""
         if dim < 1 or shard_size < 1 or n_total < 0:
             raise ValueError(f"bad store shape: dim={dim} shard_size={shard_size} n={n_total}")
         self.path = Path(path)
@@ -139,28 +150,60 @@ class StoreWriter:
             diff = _diff(json.loads(meta_path.read_text()), self.meta)
             if diff:
                 raise StoreMismatch(f"{self.path} holds a different store: {'; '.join(diff)}")
-        self._done = self._scan(resumed)
+        self.n_shards = math.ceil(self.n_total / self.shard_size)
+        self._done = self._scan(resumed, tidy)
         if not resumed:
             _write_file(meta_path, json.dumps(self.meta, indent=2, sort_keys=True).encode())
             _fsync_dir(self.path)
 
-    def _scan(self, trusted: bool) -> int:
-        """Keep the leading run of complete shards, delete every other shard file; rows kept."""
-        n_shards = math.ceil(self.n_total / self.shard_size)
+    def _scan(self, trusted: bool, tidy: bool) -> int:
+        """Note the complete shards (all kept); with ``tidy`` delete every other shard file.
+        Returns the rows of the leading run of complete shards (the sequential ``add`` goes on
+        from there)."""
+        complete = self.complete_shards() if trusted else []
         k = 0
-        while trusted and k < n_shards and _shard(self.path, k, "COMPLETE").is_file():
-            info = json.loads(_shard(self.path, k, "json").read_text())
+        while k < len(complete) and complete[k] == k:
+            k += 1
+        for j in range(k):  # the ids the sequential ``add`` must not see again
+            info = json.loads(_shard(self.path, j, "json").read_text())
             self._seen.update(info["ids"])
             if self._extra is None:
                 self._extra = {key: [] for key in info["extra"]}
-            k += 1
-        files = self.path.glob("shard_[0-9][0-9][0-9][0-9][0-9].*")
-        stale = [f for f in files if int(f.name[6:11]) >= k or f.name.endswith(".tmp")]
-        for f in stale:
-            f.unlink()
-        if k or stale:
-            log.info("store %s: kept %d shards, deleted %d files", self.path, k, len(stale))
+        stale = []
+        if tidy:  # a shard whose lock is held is being written by a live process: not stale
+            keep = set(complete)
+            files = self.path.glob("shard_[0-9][0-9][0-9][0-9][0-9].*")
+            stale = [f for f in files if int(f.name[6:11]) not in keep or ".tmp" in f.name]
+            for f in stale:
+                with try_lock(self.shard_lock(int(f.name[6:11]))) as free:
+                    if free:
+                        f.unlink(missing_ok=True)
+        if complete or stale:
+            log.info(
+                "store %s: kept %d shards, deleted %d files", self.path, len(complete), len(stale)
+            )
         return min(k * self.shard_size, self.n_total)
+
+    def shard_rows(self, i: int) -> range:
+        """The example positions shard ``i`` holds."""
+        if not 0 <= i < self.n_shards:
+            raise IndexError(f"shard {i} out of range [0, {self.n_shards}) for store {self.path}")
+        return range(i * self.shard_size, min((i + 1) * self.shard_size, self.n_total))
+
+    def shard_lock(self, i: int) -> Path:
+        """The lock a process holds while it computes shard ``i`` (``cache.try_lock``)."""
+        return self.path / f".shard_{i:05d}.lock"
+
+    def is_complete(self, i: int) -> bool:
+        return _shard(self.path, i, "COMPLETE").is_file()
+
+    def complete_shards(self) -> list[int]:
+        """Shards with their COMPLETE marker, read from disk now (other writers may add)."""
+        return [i for i in range(self.n_shards) if self.is_complete(i)]
+
+    def pending_shards(self) -> list[int]:
+        """Shards without their COMPLETE marker, read from disk now."""
+        return [i for i in range(self.n_shards) if not self.is_complete(i)]
 
     @property
     def done_rows(self) -> int:
@@ -187,13 +230,8 @@ class StoreWriter:
         """
         if self._closed:
             raise RuntimeError(f"store {self.path} is closed")
-        ids, arr, n = [str(i) for i in ids], _to_numpy(feats), len(ids)
-        cols = {"ids": ids, "n_tokens": [int(t) for t in n_tokens]}
-        cols["grad_norms"] = [float(g) for g in grad_norms]
-        extra = {k: list(v) for k, v in (extra or {}).items()}
-        lens = {len(v) for v in [*cols.values(), *extra.values()]}
-        if arr.shape != (n, self.dim) or lens != {n}:
-            raise ValueError(f"add: {n} ids and feats {arr.shape}; every column needs {n} values")
+        cast, cols, extra = self._checked(ids, feats, n_tokens, grad_norms, extra)
+        ids, n = cols["ids"], len(cols["ids"])
         if self._extra is not None and set(extra) != set(self._extra):
             raise ValueError(f"add: extra keys {sorted(extra)} != {sorted(self._extra)}")
         if self._done + len(self._cols["ids"]) + n > self.n_total:
@@ -201,6 +239,24 @@ class StoreWriter:
         dups = {i for i in ids if i in self._seen} | {i for i, c in Counter(ids).items() if c > 1}
         if dups:
             raise ValueError(f"add: duplicate example ids {sorted(dups)[:10]}")
+        self._extra = self._extra if self._extra is not None else {k: [] for k in extra}
+        for store, new in ((self._cols, cols), (self._extra, extra)):
+            for k, v in new.items():
+                store[k] += v
+        self._seen.update(ids)
+        self._feats.append(cast)
+        while len(self._cols["ids"]) >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _checked(self, ids, feats, n_tokens, grad_norms, extra):
+        """(rows cast to the store dtype, columns, extra columns), or raise naming bad ids."""
+        ids, arr, n = [str(i) for i in ids], _to_numpy(feats), len(ids)
+        cols = {"ids": ids, "n_tokens": [int(t) for t in n_tokens]}
+        cols["grad_norms"] = [float(g) for g in grad_norms]
+        extra = {k: list(v) for k, v in (extra or {}).items()}
+        lens = {len(v) for v in [*cols.values(), *extra.values()]}
+        if arr.shape != (n, self.dim) or lens != {n}:
+            raise ValueError(f"{n} ids and feats {arr.shape}; every column needs {n} values")
         bad = ~np.isfinite(arr).all(axis=1)
         if bad.any():
             raise FloatingPointError(f"non-finite (NaN/inf) features for {_some(ids, bad)}")
@@ -213,14 +269,28 @@ class StoreWriter:
                 f"{float(np.finfo(self.dtype).max):.6g}) for {_some(ids, over)}; "
                 "create the store with dtype='float32'"
             )
-        self._extra = self._extra if self._extra is not None else {k: [] for k in extra}
-        for store, new in ((self._cols, cols), (self._extra, extra)):
-            for k, v in new.items():
-                store[k] += v
-        self._seen.update(ids)
-        self._feats.append(cast)
-        while len(self._cols["ids"]) >= self.shard_size:
-            self._flush(self.shard_size)
+        return cast, cols, extra
+
+    def write_shard(
+        self,
+        i: int,
+        ids: Sequence[str],
+        feats: Any,
+        n_tokens: Sequence[int],
+        grad_norms: Sequence[float],
+        extra: dict[str, Sequence] | None = None,
+    ) -> None:
+        """Write shard ``i`` whole (rows ``shard_rows(i)``), atomically; any process may write
+        any shard. The same checks as ``add``: non-finite or overflowing rows raise naming
+        their ids, and nothing is written."""
+        want = len(self.shard_rows(i))
+        arr, cols, extra = self._checked(ids, feats, n_tokens, grad_norms, extra)
+        if len(cols["ids"]) != want:
+            raise ValueError(f"write_shard: shard {i} holds {want} rows, got {len(cols['ids'])}")
+        dups = [x for x, c in Counter(cols["ids"]).items() if c > 1]
+        if dups:
+            raise ValueError(f"write_shard: duplicate example ids {sorted(dups)[:10]}")
+        self._write_shard(i, arr, {**cols, "rows": want, "extra": extra})
 
     def _flush(self, rows: int) -> None:
         """Write the first ``rows`` buffered rows as the next shard, then drop them."""
@@ -244,18 +314,34 @@ class StoreWriter:
             _write_file(js, _dumps(info))
             _write_file(marker, _dumps({"rows": info["rows"]}))
             _fsync_dir(self.path)
-        except BaseException:  # disk full, kill signal as exception, ...: leave no trace
+        except BaseException as err:  # disk full, kill signal as exception, ...: leave no trace
             for f in (marker, js, npy, _tmp(marker), _tmp(js), _tmp(npy)):
                 f.unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                need = feats.nbytes / 2**20
+                raise OSError(
+                    err.errno,
+                    f"{os.strerror(err.errno)} while writing shard {i} of {self.path} "
+                    f"({need:.1f} MiB); no partial shard was kept: free space and run again, "
+                    "it resumes from the finished shards",
+                ) from err
             raise
 
     def close(self) -> GradientStore:
-        """Write the last partial shard, check that all n_total rows are there, open a reader."""
+        """Write the last partial shard, check that all n_total rows are there, open a reader.
+
+        A store filled by ``write_shard`` (from any processes) is closed the same way: it
+        checks that every shard is complete."""
         have = self._done + len(self._cols["ids"])
-        if have != self.n_total:
+        if have != self.n_total and self.pending_shards():
             raise ValueError(f"store {self.path}: {have} of n_total={self.n_total} rows written")
         if self._cols["ids"]:
             self._flush(len(self._cols["ids"]))
+        missing = self.pending_shards()
+        if missing:
+            raise ValueError(f"store {self.path}: shards {missing[:10]} are not written")
+        for f in [*self.path.glob("shard_*.tmp*"), *self.path.glob(".shard_*.lock")]:
+            f.unlink(missing_ok=True)  # temp files of killed writers; the shard locks
         self._closed = True
         return GradientStore(self.path)
 
@@ -364,6 +450,23 @@ class GradientStore:
     def bytes_on_disk(self) -> int:
         """Bytes of every file in the store directory (payload + .npy headers + JSON)."""
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+    def expect(self, expected: dict) -> None:
+        """Raise StoreMismatch unless ``spec`` holds every (nested) value of ``expected``: a
+        cached store must be the one this run's key stands for (not a copy from another model
+        or sketch)."""
+
+        def sub(a: Any, b: Any) -> Any:  # b restricted to a's keys
+            if isinstance(a, dict) and isinstance(b, dict):
+                return {k: sub(v, b.get(k, _MISSING)) for k, v in a.items()}
+            return b
+
+        diff = _diff(sub(expected, self.spec), expected)
+        if diff:
+            raise StoreMismatch(
+                f"gradient store {self.path} was not written for this run ({'; '.join(diff)}; "
+                "store != run): a copied or stale cache entry; delete it to rebuild"
+            )
 
     def check_compatible(self, other: GradientStore, keys: Iterable[str]) -> None:
         """Raise StoreMismatch naming the ``keys`` whose values differ between the two stores.
