@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from test_featurize import run, setup, snapshot  # noqa: F401  (setup is a fixture)
 
 from dataselect.features import featurize as fz
 from dataselect.features.distributed import (
@@ -18,7 +19,6 @@ from dataselect.features.distributed import (
 from dataselect.features.gradients import grad_dim
 from dataselect.features.sketch import SketchSpec
 from dataselect.features.store import GradientStore
-from test_featurize import run, setup, snapshot  # noqa: F401  (setup is a fixture)
 
 
 def job_for(model, toks, ckpt, pad, out, trace=None):

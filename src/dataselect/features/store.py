@@ -12,8 +12,9 @@ DDP run or the tasks of a Slurm array fill one store side by side, each its own 
 names carry the writer's pid, and ``featurize`` takes a per-shard lock). A killed writer leaves
 complete shards and at most one untrusted one per writer; a resuming writer keeps every complete
 shard, deletes the rest and computes only what is missing: the result is byte-identical to an
-uninterrupted write. ``spec`` (model, checkpoint, gradient type, sketch) is opaque here; ``check_compatible``
-compares it. 270,679 x 8192 x 2 B (fp16) = 4.4 GB a checkpoint, read via ``mmap_mode="r"``.
+uninterrupted write. ``spec`` (model, checkpoint, gradient type, sketch) is opaque here;
+``check_compatible`` compares two stores, ``expect`` a store with what a run needs.
+270,679 x 8192 x 2 B (fp16) = 4.4 GB a checkpoint, read via ``mmap_mode="r"``.
 """
 
 from __future__ import annotations
