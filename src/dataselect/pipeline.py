@@ -4,8 +4,11 @@
 
 Each stage is a function of the run's config and its upstream artifacts; its output lives in
 ``${paths.cache_dir}/<stage>/<key>/`` where ``key`` hashes what determines it (see the
-``dataselect.keys``), so a sweep pays once for what its jobs share. ``stage=X`` runs the
-chain up to X, reusing what is cached. Every cache hit is logged and counted in metrics.json.
+``dataselect.keys``), so a sweep pays once for what its jobs share. A killed stage resumes:
+training from its last epoch checkpoint, featurizing from its finished shards, evaluation
+from its finished benchmarks; what it ends with is byte-identical to an uninterrupted run.
+``stage=X`` runs the chain up to X, reusing what is cached. Every cache hit is logged and
+counted in metrics.json.
 """
 
 from __future__ import annotations
@@ -135,6 +138,11 @@ class Run:
         from dataselect.training import train_lora
 
         toks, stats = self.tokenize(examples, stage)
+        if not toks:
+            raise ValueError(
+                f"{stage}: none of the {len(examples)} examples has an answer token within "
+                f"{self.cfg.model.max_length} tokens (raise model.max_length)"
+            )
         write_json(work / "data.json", {"ids": [t.id for t in toks], **stats.as_dict()})
         base = models.load_base_model(self.cfg.model, self.cache_dir)
         model = models.with_lora(base, self.cfg.model.lora, seed)
@@ -155,7 +163,8 @@ def run_warmup(run: Run, pool: list[Example]) -> Path:
         )
         run.train(chosen, cfg.warmup, work, "warmup", seed)
 
-    return run.artifact("warmup", warmup_key(cfg), build)
+    # resume: a killed warmup goes on from its last epoch checkpoint (``train_lora``)
+    return run.artifact("warmup", warmup_key(cfg), build, resume=True)
 
 
 def run_select(
@@ -213,7 +222,7 @@ def run_finetune(run: Run, pool: list[Example], selection_dir: Path) -> Path:
         run.train([by_id[i] for i in sel.ids], cfg.finetune, work, "finetune", cfg.seed)
 
     # keyed by the selected ids themselves, not only by the config that chose them
-    return run.artifact("finetune", finetune_key(cfg, content_key(sel.ids)), build)
+    return run.artifact("finetune", finetune_key(cfg, content_key(sel.ids)), build, resume=True)
 
 
 def eval_tasks(cfg: DictConfig, target: Target) -> list:
@@ -267,7 +276,7 @@ def run_evaluate(run: Run, target: Target, adapter_run: Path | None, stage: str)
         write_json(work / "metrics.json", tasks)
 
     key = evaluate_key(cfg, adapter_run.name if adapter_run is not None else None)
-    path = run.artifact(stage, key, build)
+    path = run.artifact(stage, key, build, resume=True)  # finished benchmarks are kept
     return json.loads((path / "metrics.json").read_text())
 
 
@@ -280,6 +289,10 @@ def run_pipeline(cfg: DictConfig, tracker: Tracker | None = None) -> dict[str, A
     run.out_dir.mkdir(parents=True, exist_ok=True)
     target = load_target(cfg.target, Path(cfg.paths.data_dir))
     pool = load_pool(cfg.pool, Path(cfg.paths.data_dir))
+    run.sizes["skipped_malformed"] = pool.n_skipped  # on_error: skip (counted, never silent)
+    if Stage.select in upto:  # an impossible budget fails now, not after hours of warmup
+        _, fst = run.tokenize(pool, "pool")
+        resolve_budget(cfg.budget, fst.kept)
     selector: Selector = instantiate(cfg.selector)
     metrics: dict[str, Any] = {
         "selector": selector.name,
@@ -291,6 +304,7 @@ def run_pipeline(cfg: DictConfig, tracker: Tracker | None = None) -> dict[str, A
         "budget_cfg": cfg.budget,
         "seed": cfg.seed,
         "target_sizes": target.stats,
+        "pool_skipped": pool.skipped,
     }
 
     warmup_dir = run_warmup(run, pool)

@@ -12,9 +12,11 @@ Local JSON / JSONL in the common shapes (detected per record, in this order):
 | BBH | ``input``, ``target`` |
 
 Plus reasoning-gym generators and hub datasets (``datasets.load_dataset``, same shapes).
-Every error names the file, the line and the field. With ``on_error="skip"`` malformed records
-(bad JSON, unknown shape, empty answer, ...) are skipped instead, counted, and reported in one
-warning per source.
+Every error names the file, the line and the field: invalid JSON (or UTF-8), a record of no
+known shape or missing a shape's field (``instruction`` without ``output``), a field of the
+wrong type, an empty or whitespace-only answer. With ``on_error="skip"`` such records are
+skipped instead, counted (``Examples.skipped``: {file: count}) and reported in one warning per
+source. A file with no records, or whose every record was skipped, is an error either way.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dataselect.data.records import Example, RecordError, make_example
+from dataselect.data.records import Example, Examples, RecordError, make_example
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,9 @@ ON_ERROR = ("raise", "skip")
 class Skipped:
     """The malformed records a source read with ``on_error="skip"`` passed over."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, location: str = "") -> None:
         self.source = source
+        self.location = location or source  # the file (or hub split) the records came from
         self.count = 0
         self.reasons: list[str] = []
 
@@ -65,10 +68,10 @@ class Skipped:
             )
 
 
-def _skipped(on_error: str, source: str) -> Skipped | None:
+def _skipped(on_error: str, source: str, location: str = "") -> Skipped | None:
     if on_error not in ON_ERROR:
         raise RecordError(f"source {source}: on_error {on_error!r} not in {ON_ERROR}")
-    return Skipped(source) if on_error == "skip" else None
+    return Skipped(source, location) if on_error == "skip" else None
 
 
 def detect_shape(record: dict[str, Any]) -> str:
@@ -76,6 +79,17 @@ def detect_shape(record: dict[str, Any]) -> str:
         if all(f in record for f in fields):
             return shape
     return ""
+
+
+def _missing_fields(record: dict[str, Any]) -> str:
+    """'field 'output' is missing (...)' for each shape the record has part of, else ''."""
+    hints = []
+    for fields in SHAPES.values():
+        have = [f for f in fields if f in record]
+        if have and len(have) < len(fields):
+            missing = next(f for f in fields if f not in record)
+            hints.append(f"field {missing!r} is missing ({'+'.join(fields)} records need both)")
+    return "; or ".join(hints)
 
 
 def _text(record: dict[str, Any], field: str, where: str) -> str:
@@ -92,18 +106,34 @@ def record_to_example(
     if not isinstance(record, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}")
     shape = detect_shape(record) if shape == "auto" else shape
+    expected = "expected one of " + "; ".join("+".join(f) for f in SHAPES.values())
     if not shape:
-        raise RecordError(
-            f"{where}: unknown record shape with fields {sorted(record)}; expected one of "
-            + "; ".join("+".join(f) for f in SHAPES.values())
-        )
-    meta = dict(record.get("meta") or {})
-    if shape == "messages":
-        messages = record["messages"]
-        if not isinstance(messages, list):
-            raise RecordError(f"{where}: field 'messages' must be a list")
-    elif shape == "sharegpt":
-        messages = _sharegpt_messages(record["conversations"], where)
+        if hint := _missing_fields(record):
+            raise RecordError(f"{where}: {hint}; the record has fields {sorted(record)}")
+        raise RecordError(f"{where}: unknown record shape with fields {sorted(record)}; {expected}")
+    if shape not in SHAPES:
+        raise RecordError(f"{where}: shape {shape!r} not in {sorted(SHAPES)}")
+    if missing := [f for f in SHAPES[shape] if f not in record]:
+        raise RecordError(f"{where}: field {missing[0]!r} is missing (shape {shape})")
+    rid = record.get("id")
+    rid = default_id if rid is None or rid == "" else rid
+    meta = record.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise RecordError(f"{where}: field 'meta' must be an object, got {type(meta).__name__}")
+    meta = dict(meta)
+    if shape in ("messages", "sharegpt"):
+        field, text = ("messages", "content") if shape == "messages" else ("conversations", "value")
+        turns = record[field]
+        if not isinstance(turns, list):
+            raise RecordError(f"{where}: field {field!r} must be a list")
+        messages = turns if shape == "messages" else _sharegpt_messages(turns, where)
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        content = last.get("content")
+        if last.get("role") == "assistant" and isinstance(content, str) and not content.strip():
+            raise RecordError(
+                f"{where}: record {str(rid)!r}: field '{field}[{len(turns) - 1}].{text}' "
+                "(the answer) is empty"
+            )
     else:
         if shape == "prompt_completion":
             user, answer = _text(record, "prompt", where), _text(record, "completion", where)
@@ -116,10 +146,13 @@ def record_to_example(
             user, answer = _text(record, "question", where), _text(record, "answer", where)
         else:
             user, answer = _text(record, "input", where), _text(record, "target", where)
+        if not answer.strip():
+            field = SHAPES[shape][-1]
+            raise RecordError(
+                f"{where}: record {str(rid)!r}: field {field!r} (the answer) is empty"
+            )
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         meta.setdefault("answer", answer)
-    rid = record.get("id")
-    rid = default_id if rid is None or rid == "" else rid
     source = str(record.get("source") or source)
     return make_example(str(rid), source, messages, meta, where=where)
 
@@ -146,8 +179,11 @@ def _convert(
     where: Callable[[int], str],
     shape: str,
     skipped: Skipped | None,
-) -> list[Example]:
-    """Records to examples; a malformed one raises, or is counted in ``skipped`` when given."""
+    location: str,
+) -> Examples:
+    """Records to examples; a malformed one raises, or is counted in ``skipped`` when given.
+
+    No examples at all is an error: an empty file, or every record skipped."""
     out = []
     for i, record in rows:
         try:
@@ -156,57 +192,84 @@ def _convert(
             if skipped is None:
                 raise
             skipped.add(e)
+    n_skipped = skipped.count if skipped is not None else 0
+    if not out and n_skipped:
+        raise RecordError(
+            f"{location}: all {n_skipped} records were skipped as malformed (on_error: skip); "
+            f"first reasons: {' | '.join(skipped.reasons)}"
+        )
+    if not out:
+        raise RecordError(f"{location}: no records")
     if skipped is not None:
         skipped.warn()
-    return out
+    return Examples(out, {location: n_skipped} if n_skipped else None)
 
 
 def iter_json_records(path: Path, skipped: Skipped | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, record) for a JSONL file, or (index + 1, record) for a JSON array file.
 
-    An invalid JSONL line raises, or is counted in ``skipped`` when given."""
+    An invalid JSONL line (bad JSON or not UTF-8) raises, or is counted in ``skipped`` when
+    given. A file with no records at all raises."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
-        if isinstance(data, dict) and "examples" in data:  # BBH layout
-            data = data["examples"]
-        if not isinstance(data, list):
-            raise RecordError(f"{path}: expected a list of records (or {{'examples': [...]}})")
-        yield from enumerate(data, start=1)
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise RecordError(f"{path}:{line}: not UTF-8 text ({e.reason})") from e
+        if not text.strip():
+            raise RecordError(f"{path}: no records (the file is empty)")
         try:
-            record = json.loads(line)
+            records = json.loads(text)
         except json.JSONDecodeError as e:
-            error = RecordError(f"{path}:{lineno}: invalid JSON: {e.msg}")
+            hint = " (one record per line? name the file .jsonl)" if e.msg == "Extra data" else ""
+            raise RecordError(f"{path}:{e.lineno}: invalid JSON: {e.msg}{hint}") from e
+        if isinstance(records, dict) and "examples" in records:  # BBH layout
+            records = records["examples"]
+        if not isinstance(records, list):
+            raise RecordError(f"{path}: expected a list of records (or {{'examples': [...]}})")
+        if not records:
+            raise RecordError(f"{path}: no records (an empty list)")
+        yield from enumerate(records, start=1)
+        return
+    nonblank = 0
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        nonblank += 1
+        try:
+            record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if isinstance(e, json.JSONDecodeError):
+                why = f"invalid JSON: {e.msg} (column {e.colno})"
+            else:
+                why = f"not UTF-8 text (byte {e.start + 1} of the line)"
+            error = RecordError(f"{path}:{lineno}: {why}")
             if skipped is None:
                 raise error from e
             skipped.add(error)
             continue
         yield lineno, record
+    if not nonblank:
+        raise RecordError(f"{path}: no records (the file is empty)")
 
 
 def read_json_file(
     path: str | Path, source: str | None = None, shape: str = "auto", on_error: str = "raise"
-) -> list[Example]:
+) -> Examples:
     path = Path(path)
     source = source or path.stem
-    skipped = _skipped(on_error, source)
+    skipped = _skipped(on_error, source, str(path))
     rows = iter_json_records(path, skipped)
-    return _convert(rows, source, lambda i: f"{path}:{i}", shape, skipped)
+    return _convert(rows, source, lambda i: f"{path}:{i}", shape, skipped, str(path))
 
 
 def read_reasoning_gym(
     name: str, size: int, seed: int, answer_format: str = "answer", config: dict | None = None
-) -> list[Example]:
+) -> Examples:
     """``size`` items of a reasoning-gym family; ids ``rg/<name>/<seed>/<i>``.
 
     Many generators draw item ``i`` from ``Random(seed + i)``, so seeds s and s + 1 share
@@ -218,6 +281,8 @@ def read_reasoning_gym(
     """
     import reasoning_gym
 
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise RecordError(f"reasoning_gym/{name}: field 'n' must be at least 1, got {size!r}")
     ds = reasoning_gym.create_dataset(name, size=size, seed=seed, **(config or {}))
     out = []
     for i, item in enumerate(ds):
@@ -247,7 +312,7 @@ def read_hub(
     cap: int | None = None,
     seed: int = 0,
     on_error: str = "raise",
-) -> list[Example]:
+) -> Examples:
     """A hub dataset (needs hub access) in any of the supported shapes.
 
     ``cap`` draws a seeded random subset of rows *before* converting them (Infinity-Instruct
@@ -256,13 +321,13 @@ def read_hub(
 
     ds = datasets.load_dataset(path, name, split=split)
     source = source or f"{path}/{split}"
-    skipped = _skipped(on_error, source)
+    skipped = _skipped(on_error, source, f"{path}/{split}")
     rows: Iterable[int] = range(len(ds))
     if cap is not None and len(ds) > cap:
         rows = sorted(random.Random(seed).sample(range(len(ds)), int(cap)))
         ds = ds.select(rows)
     records = zip(rows, (dict(r) for r in ds), strict=True)
-    return _convert(records, source, lambda i: f"{source}[{i}]", "auto", skipped)
+    return _convert(records, source, lambda i: f"{source}[{i}]", "auto", skipped, f"{path}/{split}")
 
 
 def normalized_text(example: Example) -> str:

@@ -4,7 +4,11 @@ An ``Example`` is a chat: ``messages`` is a tuple of ``{"role", "content"}`` tur
 turn is the assistant's answer. ``id`` is stable and unique within a pool, ``source`` names
 where it came from (``reasoning_gym/chain_sum``, ``gsm8k/train``), ``meta`` carries extra
 labels such as ``subtask`` (BBH task, reasoning-gym family) and the gold ``answer`` used by
-evaluation.
+evaluation. ``where`` (``file:line``, ``reasoning_gym/gcd[3]``) says where the record was read;
+it is not part of the example's identity and is not written out.
+
+``Examples`` is what the readers return: a list of examples that also counts the malformed
+records skipped on the way (``on_error: skip``), per file.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Example:
     source: str
     messages: tuple[dict[str, str], ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    where: str = field(default="", compare=False, hash=False, repr=False)
 
     @property
     def prompt(self) -> str:
@@ -74,15 +79,36 @@ def make_example(
     if turns[-1]["role"] != "assistant":
         raise RecordError(f"{at}record {id!r}: the last turn must be the assistant's answer")
     if not turns[-1]["content"].strip():
-        raise RecordError(f"{at}record {id!r}: field 'messages[-1].content' (the answer) is empty")
+        raise RecordError(
+            f"{at}record {id!r}: field 'messages[{len(turns) - 1}].content' (the answer) is empty"
+        )
     if not any(t["role"] == "user" and t["content"].strip() for t in turns):
         raise RecordError(f"{at}record {id!r}: no non-empty user turn")
-    return Example(id=id, source=source, messages=tuple(turns), meta=dict(meta or {}))
+    return Example(id=id, source=source, messages=tuple(turns), meta=dict(meta or {}), where=where)
+
+
+class Examples(list):
+    """A list of examples plus ``skipped``: {file (or hub split): malformed records skipped}."""
+
+    def __init__(self, items: Iterable[Example] = (), skipped: dict[str, int] | None = None):
+        super().__init__(items)
+        self.skipped: dict[str, int] = dict(skipped or {})
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
 
 
 def check_unique_ids(examples: Iterable[Example], what: str) -> None:
-    seen: set[str] = set()
+    """Ids must be unique; the error names both records' locations (``file:line``)."""
+    seen: dict[str, Example] = {}
     for ex in examples:
         if ex.id in seen:
-            raise RecordError(f"{what}: duplicate id {ex.id!r}")
-        seen.add(ex.id)
+            first = seen[ex.id]
+            both = first.where or ex.where
+            where = f": {first.where or '?'} and {ex.where or '?'}" if both else ""
+            raise RecordError(
+                f"{what}: duplicate id {ex.id!r}{where} (fix the ids, or give one of the sources "
+                "an id_prefix)"
+            )
+        seen[ex.id] = ex

@@ -12,6 +12,12 @@ Every source also takes ``cap`` (keep a random subset of at most that many examp
 with the source's ``seed``, default 0: mixing = several sources, each with its cap),
 ``on_error`` (``raise``, the default, or ``skip``: skip malformed records, count them, warn once)
 and ``id_prefix`` (prepended to every id, for sources whose ids collide).
+
+Errors name the config key of the source (``pool.sources[1]``, ``target.gsm8k.test[0]``)
+besides the file, line and field: a missing file says which key (``...path`` or
+``paths.data_dir``) to change; a source that gives no examples (an empty file, every record
+skipped, ``n: 0``, ``cap: 0``) is an error, as is a duplicate id (both locations named). The
+examples come back as ``Examples``, whose ``skipped`` counts the records skipped per file.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataselect.data.readers import (
     read_json_file,
     read_reasoning_gym,
 )
-from dataselect.data.records import Example, RecordError, check_unique_ids
+from dataselect.data.records import Example, Examples, RecordError, check_unique_ids
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,10 @@ def _local_or_hub(spec: dict[str, Any], data_dir: Path) -> Path:
     local = _resolve(spec["path"], data_dir)
     if local.is_file():
         return local
-    fix = "set paths.data_dir (or DATASELECT_DATA_DIR) to the folder that holds it"
+    if Path(spec["path"]).expanduser().is_absolute():
+        fix = "fix the source's path (it is absolute, so paths.data_dir does not apply)"
+    else:
+        fix = "set paths.data_dir (or DATASELECT_DATA_DIR) to the folder that holds it"
     hub = spec.get("hub")
     if not hub:
         raise FileNotFoundError(f"data file not found: {local}; {fix}")
@@ -93,33 +102,85 @@ def _local_or_hub(spec: dict[str, Any], data_dir: Path) -> Path:
         ) from e
 
 
-def read_source(spec: dict[str, Any], data_dir: Path) -> list[Example]:
+REQUIRED = {"json": ("path",), "hub": ("path",), "reasoning_gym": ("name", "n", "seed")}
+
+
+def read_source(spec: dict[str, Any], data_dir: Path) -> Examples:
     kind = spec.get("kind")
     if kind not in READERS:
         raise RecordError(f"source {spec}: unknown kind {kind!r}; known: {sorted(READERS)}")
     if spec.get("on_error", "raise") not in ON_ERROR:
         raise RecordError(f"source {spec}: on_error {spec['on_error']!r} not in {ON_ERROR}")
-    examples = READERS[kind](spec, Path(data_dir))
+    for key in REQUIRED.get(kind, ()):
+        if spec.get(key) is None:
+            raise RecordError(f"source {spec}: a {kind} source needs field {key!r}")
     cap = spec.get("cap")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise RecordError(f"source {spec}: field 'cap' must be a count of at least 1, got {cap!r}")
+    examples = READERS[kind](spec, Path(data_dir))
+    skipped = getattr(examples, "skipped", {})
+    if not examples:
+        raise RecordError(f"source {spec}: no examples")
     if cap is not None and len(examples) > cap:
         examples = random.Random(int(spec.get("seed", 0))).sample(examples, int(cap))
     if prefix := spec.get("id_prefix"):
-        examples = [Example(f"{prefix}{e.id}", e.source, e.messages, e.meta) for e in examples]
-    return examples
+        examples = [
+            Example(f"{prefix}{e.id}", e.source, e.messages, e.meta, e.where) for e in examples
+        ]
+    return Examples(examples, skipped)
 
 
-def read_sources(specs: list[dict[str, Any]], data_dir: Path, what: str) -> list[Example]:
-    out: list[Example] = []
-    for spec in specs:
-        out += read_source(dict(spec), data_dir)
+def _fix_keys(spec: dict[str, Any], at: str) -> str:
+    """The config keys that choose a source's file: its ``path`` and/or ``paths.data_dir``."""
+    keys = []
+    if spec.get("path") is not None:
+        keys.append(f"{at}.path")
+    absolute = spec.get("path") is not None and Path(str(spec["path"])).expanduser().is_absolute()
+    if spec.get("kind") != "hub" and not absolute:
+        keys.append("paths.data_dir")
+    return " or ".join(keys)
+
+
+def read_sources(specs: list[dict[str, Any]], data_dir: Path, what: str, key: str = "") -> Examples:
+    """Read and concatenate sources; ``key`` (``pool.sources``) is their config key, named
+    with ``what`` (``pool jsonl``) in every error, so a message says what to change."""
+    out = Examples()
+    for i, spec in enumerate(specs):
+        at = f"{key}[{i}]" if key else f"source {i}"
+        spec = dict(spec)
+        try:
+            examples = read_source(spec, data_dir)
+        except FileNotFoundError as e:
+            fix = _fix_keys(spec, at)
+            raise FileNotFoundError(
+                f"{what} ({at}): {e}" + (f" [config key to change: {fix}]" if fix else "")
+            ) from e
+        except RecordError as e:
+            raise RecordError(f"{what} ({at}): {e}") from e
+        out += examples
+        for where, n in examples.skipped.items():
+            out.skipped[where] = out.skipped.get(where, 0) + n
     check_unique_ids(out, what)
     return out
 
 
-def load_pool(cfg, data_dir: Path) -> list[Example]:
+def load_pool(cfg, data_dir: Path) -> Examples:
     """Read a pool. It is target-agnostic (one warmup serves every target); selection removes
-    the candidates that overlap a target (``dataselect.data.targets.candidates``)."""
-    pool = read_sources(list(cfg.sources), data_dir, f"pool {cfg.name}")
-    if not pool:
-        raise RecordError(f"pool {cfg.name}: no examples")
+    the candidates that overlap a target (``dataselect.data.targets.candidates``).
+
+    ``pool.skipped`` counts the malformed records skipped (``on_error: skip``) per file."""
+    if not cfg.sources:
+        raise RecordError(
+            f"pool {cfg.name}: no sources; set pool.sources, e.g. "
+            "'pool.sources=[{kind: json, path: /data/my_pool.jsonl}]'"
+        )
+    pool = read_sources(list(cfg.sources), data_dir, f"pool {cfg.name}", "pool.sources")
+    if pool.n_skipped:  # each source warned already; this is the pool's total
+        log.info(
+            "pool %s: %d examples read, %d malformed records skipped (%s)",
+            cfg.name,
+            len(pool),
+            pool.n_skipped,
+            ", ".join(f"{w}: {n}" for w, n in pool.skipped.items()),
+        )
     return pool

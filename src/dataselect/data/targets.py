@@ -5,11 +5,15 @@ few-shot demonstrations (for evaluation).
 ``target=[gsm8k,bbh]`` a multi-task one. A multi-task target's validation set is the union of
 its tasks' (each example keeps its subtask label: LESS and GIST take the max over subtasks,
 G2IS finds its components in it) and it is evaluated on every task.
+
+Errors name the task and its config key (``target.gsm8k.validation[0]``): a missing file, an
+empty validation set, no test items, a duplicate validation id across tasks.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,17 +85,44 @@ class Target:
         return self.tasks[0].answer_type
 
 
+def _origins(examples: list[Example]) -> str:
+    """The files (or generators) examples were read from: ``where`` less the line/index."""
+    seen = dict.fromkeys(re.sub(r"(:\d+|\[\d+\])$", "", e.where) or e.source for e in examples)
+    names = list(seen)
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def load_task(name: str, cfg: DictConfig, data_dir: Path) -> Task:
     """Read a task; test items that repeat a validation prompt or a few-shot demonstration
-    are dropped (and counted), so no test item is ever a demonstration or a target example."""
-    validation = read_sources(list(cfg.validation), data_dir, f"target {name} validation")
-    test = read_sources(list(cfg.test), data_dir, f"target {name} test")
-    fewshot = read_sources(list(cfg.get("fewshot") or []), data_dir, f"target {name} fewshot")
-    if not validation:
-        raise RecordError(f"target {name}: the validation set is empty")
-    test, overlap = drop_overlapping(test, validation + fewshot)
-    if not test:
-        raise RecordError(f"target {name}: no test items")
+    are dropped (and counted), so no test item is ever a demonstration or a target example.
+
+    An empty validation set or no test items (none listed, an empty file, or every item
+    dropped as a repeat) is an error naming the task, its config key and the files."""
+    key = f"target.{name}"
+    for part in ("validation", "test"):
+        if not cfg.get(part):
+            raise RecordError(
+                f"target {name}: no {part} sources; set {key}.{part} "
+                "(e.g. [{kind: json, path: my_" + part + ".jsonl}])"
+            )
+    validation = read_sources(
+        list(cfg.validation), data_dir, f"target {name} validation", f"{key}.validation"
+    )
+    test = read_sources(list(cfg.test), data_dir, f"target {name} test", f"{key}.test")
+    fewshot = read_sources(
+        list(cfg.get("fewshot") or []), data_dir, f"target {name} fewshot", f"{key}.fewshot"
+    )
+    if not validation:  # read_sources refuses empty sources; kept as a guard
+        raise RecordError(f"target {name}: the validation set is empty ({key}.validation)")
+    n_test = len(test)
+    kept, overlap = drop_overlapping(test, validation + fewshot)
+    if not kept:
+        raise RecordError(
+            f"target {name}: no test items: all {n_test} test items of {_origins(test)} repeat "
+            f"a validation or few-shot prompt and were dropped (change {key}.test or "
+            f"{key}.validation)"
+        )
+    test = kept
     if overlap:
         log.info(
             "target %s: dropped %d test items equal to a validation/few-shot one", name, overlap

@@ -108,9 +108,13 @@ def validation_tokens(run: Run, target: Target):
         limit = task.max_length or run.cfg.model.max_length
         toks, stats = run.tokenize(task.validation, f"{task.name} validation", limit)
         if stats.dropped_no_answer_tokens:
+            dropped = set(stats.dropped_ids)
+            named = [f"{e.id} ({e.where})" for e in task.validation if e.id in dropped]
             raise ValueError(
                 f"target {task.name}: {stats.dropped_no_answer_tokens} validation examples have "
-                f"no answer tokens within {limit} tokens (raise target.{task.name}.max_length)"
+                f"no answer tokens within {limit} tokens (raise target.{task.name}.max_length): "
+                + ", ".join(named[:3])
+                + (" ..." if len(named) > 3 else "")
             )
         if stats.truncated:
             log.warning(

@@ -20,18 +20,33 @@ class BudgetError(ValueError):
 def resolve_budget(budget: float | int, pool_size: int) -> int:
     """A fraction in (0, 1] (a float: 0.05 = 5% of the pool) or a count (an int: 500).
 
-    A fraction rounds to the nearest count and never below one example.
+    A fraction rounds to the nearest count and never below one example. Every error states
+    the budget and the pool size (the candidates left after decontamination and truncation),
+    and says how to fix it; an empty candidate pool is an error, never an empty selection.
     """
+    pool = f"the pool has {pool_size} candidates"
     if isinstance(budget, bool) or not isinstance(budget, int | float):
-        raise BudgetError(f"budget must be a fraction (0.05) or a count (500), got {budget!r}")
+        raise BudgetError(
+            f"budget must be a fraction (0.05) or a count (500), got {budget!r} ({pool})"
+        )
+    if pool_size < 1:
+        raise BudgetError(
+            f"budget {budget}: the pool has no candidates left (after removing target overlap "
+            "and examples with no answer tokens); nothing to select from"
+        )
     if isinstance(budget, float):
         if not 0.0 < budget <= 1.0:
-            raise BudgetError(f"budget fraction {budget} must be in (0, 1]")
+            count = budget > 1 and budget.is_integer()
+            hint = f"; for a count write an integer (budget={int(budget)})" if count else ""
+            raise BudgetError(f"budget fraction {budget} must be in (0, 1] ({pool}){hint}")
         return max(1, round(budget * pool_size))
     if budget < 1:
-        raise BudgetError(f"budget count {budget} must be at least 1")
+        raise BudgetError(f"budget count {budget} must be at least 1 ({pool})")
     if budget > pool_size:
-        raise BudgetError(f"budget {budget} is larger than the pool ({pool_size} candidates)")
+        raise BudgetError(
+            f"budget {budget} is larger than the pool ({pool_size} candidates); "
+            f"set budget to at most {pool_size} or a fraction"
+        )
     return budget
 
 
