@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import socket
 
@@ -214,3 +216,84 @@ def test_limit_and_seed_in_evaluate(
 def test_empty_benchmark_raises(tiny_model, tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="'empty_set'"):
         evaluate(tiny_model, tiny_tokenizer, [Benchmark("empty_set", [])], _cfg(), tmp_path)
+
+
+# ---------------------------------------------------------------- resuming per benchmark
+
+
+@pytest.fixture()
+def runs(monkeypatch):
+    """The lm-eval task lists ``simple_evaluate`` is called with (it still runs)."""
+    import lm_eval
+
+    calls: list[list[str]] = []
+    real = lm_eval.simple_evaluate
+
+    def spy(*args, **kwargs):
+        calls.append(list(kwargs["tasks"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
+    return calls
+
+
+def test_evaluate_resumes_per_benchmark(
+    tiny_model, tiny_tokenizer, toy_examples, tmp_path, runs, caplog
+):
+    """A finished benchmark is read back, not re-run; a missing or truncated result file is
+    recomputed; the results are the same dict either way (real generation, tiny model)."""
+    benches = [
+        Benchmark("toy/a", toy_examples[:2]),
+        Benchmark("toy/b", toy_examples[2:4], fewshot=toy_examples[4:5]),
+    ]
+    results = tmp_path / "results"
+    first = evaluate(tiny_model, tiny_tokenizer, benches, _cfg(), tmp_path)
+    assert runs == [["dataselect_toy_a"], ["dataselect_toy_b"]]  # one lm-eval run each
+    assert sorted(p.name for p in results.iterdir()) == ["toy_a.json", "toy_b.json"]
+    stored = json.loads((results / "toy_b.json").read_text())
+    assert stored["benchmark"] == "toy/b" and stored["result"] == first["toy/b"]
+
+    runs.clear()
+    with caplog.at_level(logging.INFO, logger="dataselect.evaluation.harness"):
+        assert evaluate(tiny_model, tiny_tokenizer, benches, _cfg(), tmp_path) == first
+    assert runs == [] and "evaluate: 2 of 2 benchmarks already done, resuming" in caplog.text
+
+    (results / "toy_b.json").unlink()  # killed before toy/b finished
+    runs.clear()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dataselect.evaluation.harness"):
+        resumed = evaluate(tiny_model, tiny_tokenizer, benches, _cfg(), tmp_path)
+    assert runs == [["dataselect_toy_b"]] and resumed == first
+    assert list(resumed) == ["toy/a", "toy/b"]  # in the order asked for
+    assert "evaluate: 1 of 2 benchmarks already done, resuming" in caplog.text
+
+    text = (results / "toy_a.json").read_text()
+    (results / "toy_a.json").write_text(text[: len(text) // 2])  # a torn write: not trusted
+    runs.clear()
+    assert evaluate(tiny_model, tiny_tokenizer, benches, _cfg(), tmp_path) == first
+    assert runs == [["dataselect_toy_a"]]
+    assert json.loads((results / "toy_a.json").read_text())["result"] == first["toy/a"]
+    assert sorted(p.name for p in results.iterdir()) == ["toy_a.json", "toy_b.json"]  # no temps
+
+
+def test_stored_result_of_another_definition_is_rerun(
+    tiny_model, tiny_tokenizer, tmp_path, stub_generation, runs
+):
+    replies, _ = stub_generation
+    replies.update({"1 + 2": "3", "2 + 2": "4"})
+    a = Benchmark("a", [_qa("a0", "What is 1 + 2?", "3")])
+    b = Benchmark("b", [_qa("b0", "What is 2 + 2?", "4")])
+    evaluate(tiny_model, tiny_tokenizer, [a, b], _cfg(), tmp_path)
+    runs.clear()
+    b2 = Benchmark("b", [_qa("b0", "What is 2 + 2?", "5")])  # a changed gold answer
+    out = evaluate(tiny_model, tiny_tokenizer, [a, b2], _cfg(), tmp_path)
+    assert runs == [["dataselect_b"]] and out["b"]["value"] == 0.0
+    # num_fewshot=0 with no demonstrations defines the same task: nothing to redo
+    runs.clear()
+    evaluate(tiny_model, tiny_tokenizer, [a], _cfg(num_fewshot=0), tmp_path)
+    assert runs == []
+    for changed in ({"max_gen_toks": 4}, {"apply_chat_template": False}, {"seed": 1}):
+        evaluate(tiny_model, tiny_tokenizer, [a], _cfg(), tmp_path)  # stored: the default
+        runs.clear()
+        evaluate(tiny_model, tiny_tokenizer, [a], _cfg(**changed), tmp_path)
+        assert runs == [["dataselect_a"]], changed

@@ -6,22 +6,37 @@ indexes only that folder, so lm-eval's ~200 built-in task folders are not scanne
 built-in task can clash. With ``apply_chat_template`` the prompt is the tokenizer's chat
 template over ``[few-shot user/assistant turns..., user question]`` with the generation
 prompt, i.e. the same text ``dataselect.data.formatting.prompt_text`` builds for training.
+
+Benchmarks run one ``simple_evaluate`` call each, and each finished result is written at once
+(atomically) to ``work_dir/results/<name>.json`` with a hash of the benchmark's definition, so
+a run killed midway (BBH alone has 27 subtasks) resumes with the benchmarks it had not done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
+from dataselect.cache import content_key, write_json
 from dataselect.data.formatting import ensure_chat_template
 from dataselect.evaluation.scoring import extract
-from dataselect.evaluation.tasks import Benchmark, select_items, stop_sequences, write_task
+from dataselect.evaluation.tasks import (
+    TASK_PREFIX,
+    Benchmark,
+    gold,
+    select_items,
+    stop_sequences,
+    write_task,
+)
 
 log = logging.getLogger(__name__)
 METRIC = "exact_match"
+RESULT_FORMAT = 1  # bump when the stored result's layout or meaning changes
+RESULT_KEYS = {"metric", "value", "stderr", "n", "samples"}
 
 
 @contextlib.contextmanager
@@ -97,15 +112,100 @@ def _samples(logged: list[dict], answer_type: str) -> list[dict]:
     return out
 
 
+def _definition(
+    bench: Benchmark, items, fewshot, until, max_gen_toks: int, chat: bool, seed: int, tokenizer
+) -> str:
+    """A hash of everything that decides a benchmark's result besides the model: its items,
+    few-shot demonstrations, answer type and generation settings (and the chat template)."""
+    return content_key(
+        {
+            "format": RESULT_FORMAT,
+            "name": bench.name,
+            "answer_type": bench.answer_type,
+            "items": [(ex.id, ex.messages, gold(ex)) for ex in items],
+            "fewshot": [(ex.id, ex.messages) for ex in fewshot],
+            "until": until,
+            "max_gen_toks": max_gen_toks,
+            "chat": chat,
+            "chat_template": getattr(tokenizer, "chat_template", None) if chat else None,
+            "fewshot_seed": seed,
+        },
+        n=32,
+    )
+
+
+def result_path(work_dir: Path, bench: Benchmark) -> Path:
+    """Where ``evaluate`` keeps a finished benchmark's result."""
+    return Path(work_dir) / "results" / f"{bench.task_name[len(TASK_PREFIX) :]}.json"
+
+
+def _load_result(path: Path, bench: Benchmark, definition: str) -> dict | None:
+    """The stored result of ``bench`` if it is there, whole, and of this definition."""
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("evaluate: ignoring unreadable result %s (%s); re-running", path, err)
+        return None
+    result = stored.get("result") if isinstance(stored, dict) else None
+    if (
+        not isinstance(stored, dict)
+        or stored.get("benchmark") != bench.name
+        or stored.get("definition") != definition
+        or not isinstance(result, dict)
+        or not result.keys() >= RESULT_KEYS
+    ):
+        log.info("evaluate: stored result %s is for another definition; re-running", path)
+        return None
+    return result
+
+
+def _run_one(lm, manager, task: str, bench: Benchmark, chat: bool, seed: int) -> dict:
+    import lm_eval
+
+    with _quiet_lm_eval():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[task],
+            task_manager=manager,
+            apply_chat_template=chat,
+            fewshot_as_multiturn=chat,
+            log_samples=True,
+            # Greedy decoding needs no randomness: leave the caller's global RNGs alone.
+            random_seed=None,
+            numpy_random_seed=None,
+            torch_random_seed=None,
+            fewshot_random_seed=seed,
+        )
+    res = results["results"][task]
+    samples = _samples(results["samples"][task], bench.answer_type)
+    out = {
+        "metric": METRIC,
+        "value": float(res[f"{METRIC},none"]),
+        "stderr": _stderr(res.get(f"{METRIC}_stderr,none")),
+        "n": len(samples),
+        "samples": samples,
+    }
+    # exactly what a resumed run reads back from the result file
+    return json.loads(json.dumps(out))
+
+
 def evaluate(model, tokenizer, benchmarks: list[Benchmark], cfg, work_dir: Path) -> dict[str, dict]:
-    """Run lm-eval's simple_evaluate on the in-memory model for each benchmark.
+    """Run lm-eval's simple_evaluate on the in-memory model, one benchmark at a time.
 
     Returns ``{benchmark_name: {"metric": "exact_match", "value": float, "stderr": float,
     "n": int, "samples": [{"id", "prompt", "target", "response", "extracted", "correct"}]}}``.
     ``cfg`` (the ``evaluator`` group) keys: batch_size, limit, seed, max_gen_toks,
     apply_chat_template, num_fewshot; missing keys take the defaults below.
+
+    Resumable: each benchmark's result is written atomically to
+    ``work_dir/results/<name>.json`` as soon as it is done, with a hash of the benchmark's
+    definition (items, few-shot demonstrations, answer type, generation settings). A later
+    call with the same ``work_dir`` reuses every result whose definition still matches
+    (an unreadable or mismatched file is re-run) and returns the same dict as an
+    uninterrupted run.
     """
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     batch_size = cfg.get("batch_size", 8)
@@ -123,7 +223,8 @@ def evaluate(model, tokenizer, benchmarks: list[Benchmark], cfg, work_dir: Path)
     if chat:
         ensure_chat_template(tokenizer)
     until = stop_sequences(tokenizer, chat)
-    by_task: dict[str, Benchmark] = {}
+    done: dict[str, dict] = {}
+    todo: list[tuple[Benchmark, list, list, str]] = []
     for bench in benchmarks:
         if not bench.examples:
             raise ValueError(f"benchmark {bench.name!r} has no test items")
@@ -131,46 +232,45 @@ def evaluate(model, tokenizer, benchmarks: list[Benchmark], cfg, work_dir: Path)
         if not items:
             raise ValueError(f"benchmark {bench.name!r}: limit={limit} leaves no test items")
         k = len(bench.fewshot) if num_fewshot is None else min(int(num_fewshot), len(bench.fewshot))
-        write_task(bench, items, bench.fewshot[:k], task_dir, until, max_gen_toks, chat)
-        by_task[bench.task_name] = bench
+        fewshot = bench.fewshot[:k]
+        definition = _definition(bench, items, fewshot, until, max_gen_toks, chat, seed, tokenizer)
+        stored = _load_result(result_path(work_dir, bench), bench, definition)
+        if stored is not None:
+            done[bench.name] = stored
+            continue
+        write_task(bench, items, fewshot, task_dir, until, max_gen_toks, chat)
+        todo.append((bench, items, fewshot, definition))
         log.info(
             "benchmark %s: %d items, %d-shot -> task %s", bench.name, len(items), k, bench.task_name
         )
+    if done:
+        log.info("evaluate: %d of %d benchmarks already done, resuming", len(done), len(benchmarks))
 
-    was_training = model.training
-    try:
-        with _quiet_lm_eval():
-            lm = _make_lm(model, tokenizer, batch_size, chat)
-            manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-            results = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=list(by_task),
-                task_manager=manager,
-                apply_chat_template=chat,
-                fewshot_as_multiturn=chat,
-                log_samples=True,
-                # Greedy decoding needs no randomness: leave the caller's global RNGs alone.
-                random_seed=None,
-                numpy_random_seed=None,
-                torch_random_seed=None,
-                fewshot_random_seed=seed,
-            )
-    finally:
-        model.train(was_training)
-
-    out: dict[str, dict] = {}
-    for task, bench in by_task.items():
-        res = results["results"][task]
-        samples = _samples(results["samples"][task], bench.answer_type)
-        out[bench.name] = {
-            "metric": METRIC,
-            "value": float(res[f"{METRIC},none"]),
-            "stderr": _stderr(res.get(f"{METRIC}_stderr,none")),
-            "n": len(samples),
-            "samples": samples,
-        }
-        log.info("%s: %s = %.4f (n=%d)", bench.name, METRIC, out[bench.name]["value"], len(samples))
-    return out
+    if todo:
+        was_training = model.training
+        try:
+            with _quiet_lm_eval():
+                lm = _make_lm(model, tokenizer, batch_size, chat)
+                manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+            for i, (bench, _, _, definition) in enumerate(todo, 1):
+                result = _run_one(lm, manager, bench.task_name, bench, chat, seed)
+                path = result_path(work_dir, bench)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                stored = {"benchmark": bench.name, "definition": definition, "result": result}
+                write_json(path, stored)
+                done[bench.name] = result
+                log.info(
+                    "%s: %s = %.4f (n=%d) [%d/%d to run]",
+                    bench.name,
+                    METRIC,
+                    result["value"],
+                    result["n"],
+                    i,
+                    len(todo),
+                )
+        finally:
+            model.train(was_training)
+    return {b.name: done[b.name] for b in benchmarks}
 
 
 def aggregate(subtasks: dict[str, dict]) -> dict:
