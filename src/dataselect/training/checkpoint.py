@@ -5,10 +5,19 @@ Layout of ``out_dir/epoch_{e}/`` (e is 1-based)::
     adapter/                  PEFT ``save_pretrained`` output
     optimizer.safetensors     "{name}.exp_avg", "{name}.exp_avg_sq" for every trainable param
     optimizer.json            betas, eps, weight_decay, step, lr_mean, lr_last, param_names, ...
+    trainer.ckpt              Lightning checkpoint to resume from (only while training runs)
     COMPLETE                  written last
 
 Everything is written into ``epoch_{e}.tmp`` and renamed, so an ``epoch_{e}`` dir always has its
 ``COMPLETE`` marker; ``list_checkpoints`` also ignores any dir that lacks it.
+
+``trainer.ckpt`` (``trainer.save_checkpoint``) holds what a run killed later needs to go on from
+the end of epoch ``e``: the LoRA weights (not the frozen base, see ``LoRALM.on_save_checkpoint``),
+optimizer and lr-scheduler state, loop progress, and this callback's state (per-epoch history,
+training seconds, RNG states). It is a training-time file: once ``epoch_{e+1}`` is complete the one
+in ``epoch_{e}`` is deleted, and ``train_lora`` deletes the last one when training is done, so a
+finished run's epoch dirs hold only ``adapter/``, ``optimizer.*`` and ``COMPLETE``. Those never
+depend on whether a run was resumed: they are bitwise those of an uninterrupted run (on CPU).
 """
 
 from __future__ import annotations
@@ -16,18 +25,49 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+RESUME_FILE = "trainer.ckpt"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+_EPOCH_TMP = re.compile(r"^epoch_(\d+)\.tmp$")
+
+
+def rng_state() -> dict:
+    """The global RNG states (torch CPU, every CUDA device, python ``random``, numpy) as tensors and
+    plain python values, so that a ``weights_only`` ``torch.load`` restores them."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of ``rng_state``. CUDA states are restored when the device count matches."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    elif cuda:
+        log.warning("not restoring %d saved CUDA RNG states on this machine", len(cuda))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def optimizer_state_by_name(
@@ -49,19 +89,52 @@ def optimizer_state_by_name(
 
 
 class EpochCheckpoint(L.Callback):
-    """Saves ``out_dir/epoch_{e}/`` at the end of every training epoch (rank 0 only).
+    """Saves ``out_dir/epoch_{e}/`` at the end of every training epoch (files on rank 0 only).
 
     Also records, per epoch, the learning rate of every optimizer step (the lr that step used)
-    and the mean training loss; ``history`` holds one summary dict per saved epoch."""
+    and the mean training loss; ``history`` holds one summary dict per saved epoch, including those
+    saved before a resume: the callback's ``state_dict`` (history, seconds trained, RNG states) is
+    part of every ``trainer.ckpt``. The RNG states are those at the end of the epoch; on resume they
+    are set again when the next epoch starts, so dropout continues as without the interruption.
+    ``resumed_from`` (the epoch dir this process resumed from, if any) is saved, not loaded."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, resumed_from: str | None = None):
         self.out_dir = Path(out_dir)
+        self.resumed_from = resumed_from
         self.epoch_lrs: list[float] = []
         self.history: list[dict] = []
-        self.saved: list[Path] = []
+        self.saved: list[Path] = []  # epoch dirs written by this process
+        self.seconds_before = 0.0  # training seconds of the runs before a resume
+        self._started: float | None = None
+        self._rng_to_restore: dict | None = None
+
+    def seconds(self) -> float:
+        """Wall-clock seconds of training so far, the runs before a resume included (their time
+        after the last checkpoint, lost to the kill, is not counted)."""
+        now = 0.0 if self._started is None else time.perf_counter() - self._started
+        return self.seconds_before + now
+
+    def state_dict(self) -> dict:
+        return {
+            "history": self.history,
+            "seconds": self.seconds(),
+            "rng": rng_state(),
+            "resumed_from": self.resumed_from,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict["history"])
+        self.seconds_before = float(state_dict["seconds"])
+        self._rng_to_restore = state_dict["rng"]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epoch_lrs = []
+        if self._rng_to_restore is not None:  # first epoch after a resume
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.epoch_lrs.append(float(optimizer.param_groups[0]["lr"]))
@@ -84,21 +157,32 @@ class EpochCheckpoint(L.Callback):
             "train_loss_mean": pl_module.epoch_loss_mean(),
             "param_names": [n for n, _ in named],
         }
+        bad = [n for n, p in named if not torch.isfinite(p.detach()).all()]
+        if bad:  # never checkpoint a diverged model: every gradient taken at it would be NaN
+            raise FloatingPointError(
+                f"training diverged: non-finite LoRA weights after epoch {epoch} in {bad[:3]}"
+                f"{' ...' if len(bad) > 3 else ''} (mean loss {meta['train_loss_mean']}); lower "
+                "the learning rate or check the data; no checkpoint was written"
+            )
         self.history.append({k: v for k, v in meta.items() if k != "param_names"})
-        if not trainer.is_global_zero:
-            return
         final = self.out_dir / f"epoch_{epoch}"
         tmp = self.out_dir / f"epoch_{epoch}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        pl_module.model.save_pretrained(str(tmp / "adapter"))
-        save_file(optimizer_state_by_name(optimizer, named), str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(meta, indent=1))
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            pl_module.model.save_pretrained(str(tmp / "adapter"))
+            save_file(optimizer_state_by_name(optimizer, named), str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(meta, indent=1))
+        # Every rank takes part (it ends in a barrier); rank 0 writes. It holds self.history.
+        trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)
+        if not trainer.is_global_zero:
+            return
         (tmp / MARKER).write_text("")
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         self.saved.append(final)
+        drop_resume_files(self.out_dir, keep=final)  # the older ones are superseded
         log.info(
             "epoch %d: loss %.4f, lr_mean %.3g, step %d -> %s",
             epoch, meta["train_loss_mean"], meta["lr_mean"], meta["step"], final,
@@ -131,3 +215,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         if m and d.is_dir() and (d / MARKER).is_file():
             found.append((int(m.group(1)), d))
     return [d for _, d in sorted(found)]
+
+
+def drop_resume_files(run_dir: Path, keep: Path | None = None) -> None:
+    """Delete ``trainer.ckpt`` from every complete epoch dir under ``run_dir`` except ``keep``."""
+    for d in list_checkpoints(run_dir):
+        if d != keep:
+            (d / RESUME_FILE).unlink(missing_ok=True)
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Remove ``epoch_{e}.tmp`` dirs (a checkpoint whose writing was interrupted)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        for d in run_dir.iterdir():
+            if _EPOCH_TMP.match(d.name):
+                log.info("removing the partly written checkpoint %s", d)
+                shutil.rmtree(d)

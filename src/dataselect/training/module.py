@@ -1,4 +1,9 @@
-"""``LoRALM``: a LightningModule training the LoRA adapters of a PEFT causal LM, loss on answers."""
+"""``LoRALM``: a LightningModule training the LoRA adapters of a PEFT causal LM, loss on answers.
+
+Its Lightning checkpoints (``trainer.save_checkpoint``) hold only the trainable (LoRA) parameters:
+the frozen base model is reloaded by the caller, so resuming loads with ``strict_loading = False``
+and ``on_load_checkpoint`` checks that every trainable parameter is in the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -42,9 +47,16 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
 
 
 class LoRALM(L.LightningModule):
-    """Wraps a ``PeftModel``; only its trainable (LoRA) parameters are optimized.
+    """Wraps a ``PeftModel``; only its trainable (LoRA) parameters are optimized (and checkpointed).
 
-    ``lr`` is the peak learning rate; ``betas``/``eps``/``weight_decay`` go to AdamW unchanged."""
+    ``lr`` is the peak learning rate; ``betas``/``eps``/``weight_decay`` go to AdamW unchanged.
+    ``max_steps`` (None: no cap) stops training after that many optimizer steps, as Lightning's
+    ``Trainer(max_steps=...)`` would (the epoch in progress is ended and checkpointed, the schedule
+    spans ``min(max_steps, epochs x steps per epoch)``). It is enforced here and not by the Trainer
+    because a Trainer with ``max_steps`` treats every resume as an iteration-based restart, which
+    re-enters the finished epoch of an end-of-epoch checkpoint (Lightning #18060, #19815)."""
+
+    CHECKPOINT_KEY = "lora_lm"  # this module's own entry in a Lightning checkpoint
 
     def __init__(
         self,
@@ -54,17 +66,42 @@ class LoRALM(L.LightningModule):
         warmup_ratio: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        max_steps: int | None = None,
     ):
         super().__init__()
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be None or positive, got {max_steps}")
         self.model = model
+        self.max_steps = max_steps
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.betas, self.eps = (float(betas[0]), float(betas[1])), eps
         self.epoch_losses: list[torch.Tensor] = []  # per-batch losses of the current epoch
-        self.examples_seen = 0
+        self.examples_seen = 0  # over all epochs, also those before a resume
+        # Checkpoints lack the frozen base weights: missing keys are expected when loading them.
+        self.strict_loading = False
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """(name, param) for trainable params, names as in ``PeftModel.named_parameters()``."""
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _trainable_state_keys(self) -> set[str]:
+        """Keys of the trainable params in ``self.state_dict()`` ("model." + PEFT name)."""
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Keep the LoRA weights only: a 7B base would be ~14 GB per checkpoint.
+        keep = self._trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[self.CHECKPOINT_KEY] = {"examples_seen": self.examples_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # strict_loading is off (the base weights are not saved), so check the LoRA side here.
+        keep, saved = self._trainable_state_keys(), set(checkpoint["state_dict"])
+        if keep != saved:
+            missing, extra = sorted(keep - saved)[:3], sorted(saved - keep)[:3]
+            raise KeyError(f"checkpoint does not match the trainable params: missing {missing}, "
+                           f"unexpected {extra}")  # fmt: skip
+        self.examples_seen = int(checkpoint.get(self.CHECKPOINT_KEY, {}).get("examples_seen", 0))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Loss (mean over the batch's answer tokens) of a collated batch."""
@@ -88,6 +125,10 @@ class LoRALM(L.LightningModule):
         self.log("train/lr", lr, on_step=True, batch_size=n)
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.max_steps is not None and self.trainer.global_step >= self.max_steps:
+            self.trainer.should_stop = True  # ends this epoch (hooks run) and the fit
+
     def epoch_loss_mean(self) -> float:
         """Mean of the per-batch losses of the current epoch (nan if none)."""
         if not self.epoch_losses:
@@ -102,6 +143,7 @@ class LoRALM(L.LightningModule):
             params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
         )
         total = int(self.trainer.estimated_stepping_batches)
+        total = total if self.max_steps is None else min(total, self.max_steps)
         factor = linear_warmup_decay(warmup_steps_for(total, self.warmup_ratio), total)
         sched = {"scheduler": LambdaLR(opt, factor), "interval": "step", "frequency": 1}
         return {"optimizer": opt, "lr_scheduler": sched}
