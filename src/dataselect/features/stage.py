@@ -85,7 +85,13 @@ def run_job(run: Run, job, model_at: CheckpointModels, ckpt: Path, dist) -> None
     if mode == "none":
         model = model_at(ckpt)
         writer = job.writer()
-        compute_shards(model, job, writer.pending_shards(), writer)
+        todo = writer.pending_shards()
+        if len(todo) < writer.n_shards:
+            log.info(
+                "featurize: resuming %s, %d of %d shards done",
+                job.out.name, writer.n_shards - len(todo), writer.n_shards,
+            )  # fmt: skip
+        compute_shards(model, job, todo, writer)
         writer.close()
     elif mode == "ddp":
         model_at.release()

@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +150,10 @@ def digest(cache: Path) -> dict[str, str]:
     return out
 
 
+def digest_dirs(cache: Path) -> set[str]:
+    return {"/".join(k.split("/")[:2]) for k in digest(cache)}
+
+
 def differences(a: dict[str, str], b: dict[str, str]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
@@ -197,9 +203,9 @@ def kill_drill(ws: Workspace, stage: str, rng: random.Random, name: str | None =
     rc, text = ws.run(name)
     got = digest(cache)
     diff = differences(ref, got)
-    resumed = [w for w in ("resuming", "cache hit") if w in text]
+    resumed = [m[:70] for m in re.findall(r"\] - ([^\n]*resuming[^\n]*)", text)]
     where = f"killed {delay:.2f}s into {stage} (in progress: {', '.join(at) or 'none'})"
-    outcome = f"{where}; re-run rc {rc}, {', '.join(resumed) or 'from scratch'}"
+    outcome = f"{where}; re-run rc {rc}: {'; '.join(resumed) or 'nothing to resume'}"
     if diff:
         outcome += f"; differs: {diff[:3]}"
     return Drill(name, outcome, not diff, killed and rc == 0 and not diff)
@@ -213,11 +219,15 @@ def concurrent_drill(ws: Workspace) -> Drill:
     procs = [ws.start_in(cache, ws.root / "concurrent" / f"out{i}") for i in range(2)]
     rcs = [_wait(p, 900) for p, _ in procs]
     texts = [log.read_text() for _, log in procs]
-    built = {s: sum(t.count(f"{s}: built ") for t in texts) for s in ("warmup", "features")}
-    waited = sum("waiting for" in t for t in texts)
+    built = Counter(m for t in texts for m in re.findall(r"\] - \w+: built (\S+)", t))
+    waits = sum(t.count("waiting for") for t in texts)
     diff = differences(ref, digest(cache))
-    once = all(n == 1 for n in built.values())
-    outcome = f"rc {rcs}; builds {built}; {waited} waited for the other"
+    once = bool(built) and set(built.values()) == {1}
+    n_art = len(digest_dirs(cache))
+    outcome = (
+        f"rc {rcs}; {len(built)} artifacts built, {max(built.values(), default=0)}x at most "
+        f"({n_art} in the cache); {waits} waits for the other process"
+    )
     return Drill("concurrent pair", outcome, not diff, rcs == [0, 0] and once and not diff)
 
 
@@ -302,10 +312,10 @@ def full_disk_drill(ws: Workspace) -> Drill:
     return Drill("disk full while writing a shard", outcome, not diff, ok)
 
 
-def _error_drill(name: str, rc: int, text: str, expect: str) -> Drill:
+def _error_drill(ws: Workspace, name: str, rc: int, text: str, expect: str) -> Drill:
     err = next((ln for ln in text.splitlines() if ln.startswith("ERROR")), text[-300:])
     ok = rc == 3 and expect in err
-    return Drill(name, err[:160], None, ok)
+    return Drill(name, err.replace(str(ws.root), "<ws>")[:240], None, ok)
 
 
 NAN_WARMUP = """
@@ -328,9 +338,19 @@ def nan_drill(ws: Workspace) -> Drill:
     cache, out = ws.root / "nan" / "cache", ws.root / "nan" / "out"
     rc, text = _in_child(_pipeline_code(ws, cache, out, "stage=features", before=NAN_WARMUP))
     trusted = [p for s in ("warmup", "features") for p in (cache / s).glob("[!.]*")]
-    drill = _error_drill("NaN / inf gradients", rc, text, "non-finite")
+    drill = _error_drill(ws, "NaN / inf gradients", rc, text, "non-finite")
     drill.ok = drill.ok and not trusted
     return drill
+
+
+def _store_at(cache: Path, epoch: str) -> Path:
+    """The pool store of warmup checkpoint ``epoch`` in a cache."""
+    import json
+
+    for p in (cache / "features").glob("[!.]*"):
+        if json.loads((p / "meta.json").read_text())["spec"]["checkpoint"].endswith(epoch):
+            return p
+    raise FileNotFoundError(f"no pool store at {epoch} in {cache}")
 
 
 def foreign_store_drill(ws: Workspace, what: str) -> Drill:
@@ -345,7 +365,7 @@ def foreign_store_drill(ws: Workspace, what: str) -> Drill:
     if cache.exists():
         shutil.rmtree(cache)
     shutil.copytree(ref, cache)
-    store = next(p for p in (cache / "features").glob("[!.]*"))
+    store = _store_at(cache, "epoch_1")
     if what == "sketch":
         other = "features.sketch.seed=99"
     else:  # the same architecture, other weights: a store whose rows look just as plausible
@@ -357,13 +377,13 @@ def foreign_store_drill(ws: Workspace, what: str) -> Drill:
         other = f"model.name={second}"
     rc, text = ws.run(f"foreign-{what}-build", other, "stage=features")
     donor_cache = ws.root / f"foreign-{what}-build" / "cache"
-    donor = next(p for p in (donor_cache / "features").glob("[!.]*"))
+    donor = _store_at(donor_cache, "epoch_1")
     shutil.rmtree(store)
     shutil.copytree(donor, store)  # the cache now lies: the key says one thing, the store another
     GradientStore(store)  # still a well-formed store
     rc, text = _in_child(_pipeline_code(ws, cache, ws.root / f"foreign-{what}" / "out"))
     expect = "sketch.seed" if what == "sketch" else "model.name"
-    drill = _error_drill(f"gradient store from another {what}", rc, text, expect)
+    drill = _error_drill(ws, f"gradient store from another {what}", rc, text, expect)
     drill.ok = drill.ok and "not written for this run" in text
     return drill
 

@@ -88,6 +88,16 @@ def optimizer_state_by_name(
     return out
 
 
+def stable_adapter_config(adapter_dir: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in an order that changes from process to
+    process (string hashing is salted): sort it, so the same training gives the same bytes."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
 class EpochCheckpoint(L.Callback):
     """Saves ``out_dir/epoch_{e}/`` at the end of every training epoch (files on rank 0 only).
 
@@ -171,6 +181,7 @@ class EpochCheckpoint(L.Callback):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             pl_module.model.save_pretrained(str(tmp / "adapter"))
+            stable_adapter_config(tmp / "adapter")
             save_file(optimizer_state_by_name(optimizer, named), str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(meta, indent=1))
         # Every rank takes part (it ends in a barrier); rank 0 writes. It holds self.history.

@@ -1,0 +1,77 @@
+"""The fault drills (``dataselect.reliability.drills``) on the tiny model, each a real
+``python -m dataselect`` process: kill -9 inside every stage, a concurrent pair, determinism
+across runs and 1 vs 2 DDP processes, a full disk, NaN weights, foreign stores, and the whole
+bad-input corpus through ``run_pipeline``. Every drill must pass."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dataselect.reliability import drills
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    ws = drills.Workspace.create(tmp_path_factory.mktemp("drills"))
+    ws.reference()
+    return ws
+
+
+@pytest.mark.parametrize("stage", ["warmup", "features", "finetune", "evaluate"])
+def test_kill_9_inside_a_stage_resumes_to_identical_artifacts(ws, stage):
+    d = drills.kill_drill(ws, stage, random.Random(stage), f"kill-{stage}")
+    assert d.ok and d.identical, d.outcome
+    assert "killed" in d.outcome and f"into {stage}" in d.outcome
+
+
+def test_digest_sees_a_changed_artifact(ws, tmp_path):
+    """The drills' notion of identical is not vacuous: one flipped byte is a difference."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(ws.reference(), cache)
+    ref = drills.digest(ws.reference())
+    assert drills.differences(ref, drills.digest(cache)) == []
+    assert any(k.endswith(".npy") for k in ref) and any("adapter_model" in k for k in ref)
+    shard = next((cache / "features").glob("*/shard_00000.npy"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    assert drills.differences(ref, drills.digest(cache)) == [
+        f"features/{shard.parent.name}/shard_00000.npy"
+    ]
+
+
+def test_concurrent_pair_builds_each_artifact_once(ws):
+    d = drills.concurrent_drill(ws)
+    assert d.ok and d.identical, d.outcome
+
+
+def test_same_selection_across_runs_and_1_vs_2_processes(ws):
+    d = drills.determinism_drill(ws)
+    assert d.ok, d.outcome
+
+
+def test_full_disk_leaves_no_partial_shard_and_resumes(ws):
+    d = drills.full_disk_drill(ws)
+    assert d.ok and d.identical, d.outcome
+
+
+def test_nan_weights_stop_the_run_and_leave_nothing_trusted(ws):
+    d = drills.nan_drill(ws)
+    assert d.ok, d.outcome
+
+
+@pytest.mark.parametrize("what", ["model", "sketch"])
+def test_a_store_from_another_model_or_sketch_is_refused(ws, what):
+    d = drills.foreign_store_drill(ws, what)
+    assert d.ok, d.outcome
+    assert ("model.name" if what == "model" else "sketch.seed") in d.outcome
+
+
+def test_bad_input_corpus_through_the_pipeline(ws):
+    rows = drills.bad_input_drills(ws)
+    failed = [f"{r.name}: {r.outcome}" for r in rows if not r.ok]
+    assert len(rows) >= 30 and not failed, failed
