@@ -56,3 +56,17 @@ def toy_examples():
             )
         )
     return out
+
+
+def toy_add_examples(n: int = 12):
+    """``n`` one-line additions ("What is i + i % 3?"), for training tests."""
+    from dataselect.data.records import make_example
+
+    return [
+        make_example(
+            f"toy-{i}", "toy/add",
+            [{"role": "user", "content": f"What is {i} + {i % 3}?"},
+             {"role": "assistant", "content": str(i + i % 3)}],
+        )
+        for i in range(n)
+    ]  # fmt: skip

@@ -53,19 +53,11 @@ def lora_names(model) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenized(tiny_model_dir):
+    from conftest import toy_add_examples
     from transformers import AutoTokenizer
 
-    from dataselect.data.records import make_example
-
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    examples = [
-        make_example(
-            f"toy-{i}", "toy/add",
-            [{"role": "user", "content": f"What is {i} + {i % 3}?"},
-             {"role": "assistant", "content": str(i + i % 3)}],
-        )
-        for i in range(12)
-    ]  # fmt: skip
+    examples = toy_add_examples()
     train, _ = tokenize_examples(tok, examples, max_length=64)
     assert len(train) == 12
     return tok, train

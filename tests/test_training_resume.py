@@ -70,13 +70,13 @@ def main(args: dict) -> None:
     ``args["runs"]`` (``{"out", "stage"}``) in turn; ``args["kill"]`` may kill the process."""
     import logging
 
+    from conftest import toy_add_examples
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import dataselect.training.checkpoint as checkpoint
     import dataselect.training.train as train_mod
     from dataselect.data.formatting import tokenize_examples
-    from dataselect.data.records import make_example
     from dataselect.models import with_lora
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -87,14 +87,7 @@ def main(args: dict) -> None:
     if args.get("no_rng_restore"):  # negative control: the resume must then differ
         checkpoint.set_rng_state = lambda state: None
     tok = AutoTokenizer.from_pretrained(args["model"])
-    examples = [
-        make_example(
-            f"toy-{i}", "toy/add",
-            [{"role": "user", "content": f"What is {i} + {i % 3}?"},
-             {"role": "assistant", "content": str(i + i % 3)}],
-        )
-        for i in range(12)
-    ]  # fmt: skip
+    examples = toy_add_examples()
     train, _ = tokenize_examples(tok, examples, max_length=64)
     for run in args.get("runs") or [args]:
         model = AutoModelForCausalLM.from_pretrained(args["model"])

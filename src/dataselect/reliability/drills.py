@@ -203,7 +203,8 @@ def kill_drill(ws: Workspace, stage: str, rng: random.Random, name: str | None =
     rc, text = ws.run(name)
     got = digest(cache)
     diff = differences(ref, got)
-    resumed = [m[:70] for m in re.findall(r"\] - ([^\n]*resuming[^\n]*)", text)]
+    found = re.findall(r"\] - ([^\n]*resuming[^\n]*)", text)
+    resumed = [re.sub(r" \(?/\S+", "", m)[:70] for m in found]  # paths left out
     where = f"killed {delay:.2f}s into {stage} (in progress: {', '.join(at) or 'none'})"
     outcome = f"{where}; re-run rc {rc}: {'; '.join(resumed) or 'nothing to resume'}"
     if diff:
