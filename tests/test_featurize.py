@@ -116,3 +116,18 @@ def test_token_budget_changes_batches_not_features(setup, tmp_path):
     b = run(model, toks, ckpt, pad, tmp_path / "b", "sgd", max_tokens=longest)  # 1 per batch
     assert a.ids == b.ids
     np.testing.assert_allclose(a.features(), b.features(), rtol=1e-4, atol=1e-6)
+
+
+def test_nan_gradients_name_their_examples_and_leave_no_shard(setup, tmp_path):
+    """A NaN in the adapter: the error names the batch's example ids; nothing is trusted."""
+    import torch
+
+    model, toks, ckpt, pad = setup
+    name, p = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        p.view(-1)[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite.*of batch \['toy-\d+'.*check these"):
+        run(model, toks, ckpt, pad, tmp_path / "nan", "sgd")
+    assert not list((tmp_path / "nan").glob("shard_*"))
+    with pytest.raises(FileNotFoundError):
+        GradientStore(tmp_path / "nan")

@@ -26,6 +26,14 @@ def test_kill_9_inside_a_stage_resumes_to_identical_artifacts(ws, stage):
     assert "killed" in d.outcome and f"into {stage}" in d.outcome
 
 
+@pytest.mark.parametrize("stage", ["warmup", "features", "finetune", "evaluate"])
+def test_kill_9_after_a_unit_of_work_resumes_from_it(ws, stage):
+    """Killed right after an epoch checkpoint / a shard / a benchmark: the re-run resumes from
+    it (its log says so) and ends with the reference artifacts."""
+    d = drills.kill_after_progress_drill(ws, stage)
+    assert d.ok and d.identical, d.outcome
+
+
 def test_digest_sees_a_changed_artifact(ws, tmp_path):
     """The drills' notion of identical is not vacuous: one flipped byte is a difference."""
     import shutil

@@ -50,6 +50,7 @@ def main() -> int:
         for stage in ("warmup", "features", "finetune", "evaluate"):
             for k in range(args.kills):
                 report([d.kill_drill(ws, stage, rng, f"kill-{stage}-{k}")])
+            report([d.kill_after_progress_drill(ws, stage)])
     if "concurrent" in args.only:
         report([d.concurrent_drill(ws)])
     if "determinism" in args.only:

@@ -32,7 +32,8 @@ VOLATILE = {"COMPLETE", "train_log.json"}
 VOLATILE_DIRS = {"lm_eval", "lm_eval_tasks", "csv", "wandb", "lightning_logs"}
 
 # The tiny pipeline every drill runs: a LESS selection (so every stage has real work), small
-# shards (so a featurize kill lands between shards), 3 warmup epochs (between checkpoints).
+# shards (so a featurize kill lands between shards), 3 warmup epochs (between checkpoints),
+# a two-task target (two benchmarks).
 TINY = [
     "logger=csv",
     "selector=less",
@@ -40,6 +41,9 @@ TINY = [
     "{kind: reasoning_gym, name: gsm_symbolic, n: 16, seed: 2}]",
     "target.gsm_symbolic.validation=[{kind: reasoning_gym, name: gsm_symbolic, n: 4, seed: 3}]",
     "target.gsm_symbolic.test=[{kind: reasoning_gym, name: gsm_symbolic, n: 6, seed: 4}]",
+    # a second task, so evaluation has two benchmarks to resume between
+    "+target.chain_sum={validation: [{kind: reasoning_gym, name: chain_sum, n: 2, seed: 5}],"
+    " test: [{kind: reasoning_gym, name: chain_sum, n: 4, seed: 6}]}",
     "budget=8",
     "warmup.epochs=3",
     "warmup.fraction=0.25",
@@ -210,6 +214,46 @@ def kill_drill(ws: Workspace, stage: str, rng: random.Random, name: str | None =
     if diff:
         outcome += f"; differs: {diff[:3]}"
     return Drill(name, outcome, not diff, killed and rc == 0 and not diff)
+
+
+# What a stage has finished when a kill should find something to resume, and what the re-run
+# then says.
+PROGRESS = {
+    "warmup": ("epoch_1/COMPLETE", "resuming from epoch_1"),
+    "features": ("shard_00002.COMPLETE", "featurize: resuming"),
+    "finetune": ("epoch_1/COMPLETE", "resuming from epoch_1"),
+    "evaluate": ("lm_eval/results/*.json", "benchmarks already done, resuming"),
+}
+
+
+def kill_after_progress_drill(ws: Workspace, stage: str, name: str | None = None) -> Drill:
+    """SIGKILL the pipeline as soon as ``stage`` has finished a unit of work (an epoch
+    checkpoint, a shard, a benchmark): the re-run must resume from it, not start over, and end
+    with the reference artifacts."""
+    ref = digest(ws.reference())
+    marker, says = PROGRESS[stage]
+    name = name or f"kill-{stage}-after-progress"
+    proc, log = ws.start(name)
+    cache = ws.root / name / "cache"
+    deadline = time.time() + 600
+    while not list((cache / stage).glob(f".*.partial/{marker}")):
+        if proc.poll() is not None or time.time() > deadline:
+            text = log.read_text()[-2000:]
+            return Drill(
+                name, f"{stage} never reached {marker} (rc {proc.returncode}): {text}", None, False
+            )
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rc, text = ws.run(name)
+    diff = differences(ref, digest(cache))
+    resumed = says in text
+    outcome = f"killed after {stage} wrote {marker}; re-run rc {rc}: " + (
+        "resumed (" + says + ")" if resumed else "DID NOT RESUME"
+    )
+    if diff:
+        outcome += f"; differs: {diff[:3]}"
+    return Drill(name, outcome, not diff, rc == 0 and resumed and not diff)
 
 
 def concurrent_drill(ws: Workspace) -> Drill:
@@ -412,6 +456,7 @@ def all_drills(ws: Workspace, kills: int = 2, seed: int = 0) -> list[Drill]:
     rows: list[Drill] = []
     for stage in ("warmup", "features", "finetune", "evaluate"):
         rows += [kill_drill(ws, stage, rng, f"kill-{stage}-{k}") for k in range(kills)]
+        rows.append(kill_after_progress_drill(ws, stage))
     rows.append(concurrent_drill(ws))
     rows.append(determinism_drill(ws))
     rows.append(full_disk_drill(ws))
