@@ -110,3 +110,31 @@ def test_a_failed_array_task_is_finished_by_the_coordinator(setup, tmp_path, tin
     store = featurize_array(job, broken, 2, ex, fallback_model=model)  # every task fails
     assert writers(trace) == {os.getpid(): [0, 1, 2]}
     assert snapshot(store.path) == snapshot(one.path)
+
+
+def test_pipeline_featurizes_as_a_submitit_array_into_the_same_store(tmp_path):
+    """`features.distributed.mode=submitit` through the pipeline (local executor, 2 tasks):
+    the same pool stores and selection as one process; the mode is not in the key."""
+    from test_pipeline import run as run_pipeline
+
+    from dataselect.reliability.drills import digest
+
+    common = ["selector=less", "stage=select", "features.shard_size=8"]
+    one = run_pipeline(tmp_path / "one", *common)
+    arr = run_pipeline(
+        tmp_path / "arr",
+        *common,
+        "features.distributed.mode=submitit",
+        "features.distributed.tasks=2",
+        "features.distributed.submitit.cluster=local",
+    )
+    stores = [
+        {k: v for k, v in digest(p / "cache").items() if k.startswith("features/")}
+        for p in (tmp_path / "one", tmp_path / "arr")
+    ]
+    assert stores[0] and stores[0] == stores[1]
+    assert len(list((tmp_path / "arr" / "cache" / "submitit").rglob("*_result.pkl"))) >= 2
+    sel = [
+        (p / "run0" / "selection.jsonl").read_text() for p in (tmp_path / "one", tmp_path / "arr")
+    ]
+    assert sel[0] == sel[1] and one["sizes"] == arr["sizes"]
