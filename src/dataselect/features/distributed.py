@@ -21,7 +21,6 @@ import logging
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -58,12 +57,7 @@ def shard_groups(shards: list[int], n: int) -> list[list[int]]:
 
 def subset(job: FeaturizeJob, shards: list[int]) -> FeaturizeJob:
     """The job restricted to ``shards``' examples (what a worker needs to be sent)."""
-    writer_rows = [r for i in shards for r in _rows(job, i)]
-    return replace(job, examples={r: job.examples[r] for r in writer_rows})
-
-
-def _rows(job: FeaturizeJob, i: int) -> range:
-    return range(i * job.shard_size, min((i + 1) * job.shard_size, job.n_total))
+    return replace(job, examples={r: job.examples[r] for i in shards for r in job.shard_rows(i)})
 
 
 class ShardFeaturizer(L.LightningModule):
@@ -79,13 +73,16 @@ class ShardFeaturizer(L.LightningModule):
         self.net = self.load_model()
 
     def predict_dataloader(self) -> DataLoader:
+        """One batch per rank: the list of its shards (so the sketch, the Adam state and the
+        store's writer are set up once per rank, not per shard)."""
         rank, world = self.trainer.global_rank, self.trainer.world_size
         mine = self.shards[rank::world]
         log.info("featurize rank %d/%d: %d shards", rank, world, len(mine))
-        return DataLoader(mine, batch_size=None, shuffle=False)
+        return DataLoader([mine], batch_size=None, shuffle=False)
 
-    def predict_step(self, shard: Any, batch_idx: int) -> None:
-        compute_shards(self.net, self.job, [int(shard)], self.job.writer(tidy=False), bar=False)
+    def predict_step(self, shards: list[int], batch_idx: int) -> None:
+        shards = [int(i) for i in shards]
+        compute_shards(self.net, self.job, shards, self.job.writer(tidy=False), bar=False)
 
 
 def featurize_ddp(

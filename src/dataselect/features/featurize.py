@@ -102,28 +102,36 @@ def gradient_batches(
     adam=None,
     meta: dict | None = None,
     adam_form: str = "less",
-    description: str = "gradients",
     max_tokens: int | None = None,
+    advance: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[list[Tokenized], torch.Tensor, torch.Tensor]]:
-    """(examples, raw gradients g (B, D), features (B, D)) batch by batch, with a progress bar.
+    """(examples, raw gradients g (B, D), features (B, D)) batch by batch; ``advance(n)`` is
+    called after each batch (a progress bar's). A non-finite gradient raises naming the batch's
+    example ids.
 
     ``meta`` is the checkpoint's optimizer.json (betas, eps, step) for the adam type."""
     meta = meta or {}
     device = next(model.parameters()).device
-    with progress(description, len(todo)) as advance:
-        for chunk in token_batches(todo, batch_size, max_tokens):
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+    for chunk in token_batches(todo, batch_size, max_tokens):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        try:
             g = per_example_grads(model, batch, method=method)
-            feats = to_features(
-                g,
-                gradient_type,
-                adam,
-                betas=meta.get("betas", (0.9, 0.999)),
-                eps=meta.get("eps", 1e-8),
-                step=meta.get("step"),
-                adam_form=adam_form,
-            )
-            yield chunk, g, feats
+        except FloatingPointError as err:  # name the examples, not batch rows
+            raise FloatingPointError(
+                f"{err} of batch {[t.id for t in chunk]}; check these examples or the "
+                "checkpoint (a NaN loss in warmup poisons every gradient)"
+            ) from err
+        feats = to_features(
+            g,
+            gradient_type,
+            adam,
+            betas=meta.get("betas", (0.9, 0.999)),
+            eps=meta.get("eps", 1e-8),
+            step=meta.get("step"),
+            adam_form=adam_form,
+        )
+        yield chunk, g, feats
+        if advance is not None:
             advance(len(chunk))
 
 
@@ -149,6 +157,10 @@ class FeaturizeJob:
     shard_size: int = 1024
     max_tokens: int | None = None
     trace: Path | None = None  # tests/drills: each worker appends "pid shard" lines here
+
+    def shard_rows(self, i: int) -> range:
+        """The store rows of shard ``i`` (as ``StoreWriter.shard_rows``)."""
+        return range(i * self.shard_size, min((i + 1) * self.shard_size, self.n_total))
 
     def writer(self, tidy: bool = True) -> StoreWriter:
         return StoreWriter(
@@ -202,38 +214,17 @@ def compute_shards(
 def shard_features(model, todo, job: FeaturizeJob, projector, adam, meta, advance=None):
     """(ids, features, n_tokens, grad_norms, extra) of one shard's examples, batch by batch."""
     feats, norms, extra = [], [], {"eps_share": []} if adam is not None else None
-    device = next(model.parameters()).device
-    for chunk in token_batches(todo, job.batch_size, job.max_tokens):
-        batch = {k: v.to(device) for k, v in collate(chunk, job.pad_id).items()}
-        try:
-            g = per_example_grads(model, batch, method=job.method)
-        except FloatingPointError as err:  # name the examples, not batch rows
-            raise FloatingPointError(
-                f"{err} of batch {[t.id for t in chunk]} (store {job.out}); check these "
-                "examples or the checkpoint (a NaN loss in warmup poisons every gradient)"
-            ) from err
-        f = to_features(
-            g,
-            job.gradient_type,
-            adam,
-            betas=meta.get("betas", (0.9, 0.999)),
-            eps=meta.get("eps", 1e-8),
-            step=meta.get("step"),
-            adam_form=job.adam_form,
-        )
+    batches = gradient_batches(
+        model, todo, job.pad_id, job.batch_size, job.method, job.gradient_type, adam, meta,
+        job.adam_form, job.max_tokens, advance,
+    )  # fmt: skip
+    for _, g, f in batches:
         feats.append(projector.project(f).cpu().numpy())
         norms += g.norm(dim=1).tolist()
         if extra is not None:
             extra["eps_share"] += eps_dominance(g, adam[1], meta["betas"], meta["eps"]).tolist()
-        if advance is not None:
-            advance(len(chunk))
-    return (
-        [t.id for t in todo],
-        np.concatenate(feats),
-        [t.n_loss_tokens for t in todo],
-        norms,
-        extra,
-    )
+    ids, n_tokens = [t.id for t in todo], [t.n_loss_tokens for t in todo]
+    return ids, np.concatenate(feats), n_tokens, norms, extra
 
 
 def featurize_job(
@@ -264,22 +255,36 @@ def featurize_job(
         "adam_form": adam_form if gradient_type == "adam" else None,
     }
     return FeaturizeJob(
-        length_order(examples),
-        len(examples),
-        Path(out),
-        sketch.dim_out,
-        meta_spec,
-        sketch,
-        gradient_type,
-        checkpoint,
-        pad_id,
-        batch_size,
-        method,
-        adam_form,
-        dtype,
-        shard_size,
-        max_tokens,
+        examples=length_order(examples),
+        n_total=len(examples),
+        out=Path(out),
+        dim=sketch.dim_out,
+        meta_spec=meta_spec,
+        sketch=sketch,
+        gradient_type=gradient_type,
+        checkpoint=checkpoint,
+        pad_id=pad_id,
+        batch_size=batch_size,
+        method=method,
+        adam_form=adam_form,
+        dtype=dtype,
+        shard_size=shard_size,
+        max_tokens=max_tokens,
     )
+
+
+def fill_store(model, job: FeaturizeJob) -> GradientStore:
+    """Compute every shard of ``job``'s store that is not finished, in this process; returns
+    the closed store. A store left unfinished (a killed run) is resumed."""
+    writer = job.writer()
+    todo = writer.pending_shards()
+    if len(todo) < writer.n_shards:
+        log.info(
+            "featurize: resuming %s, %d of %d shards done",
+            job.out.name, writer.n_shards - len(todo), writer.n_shards,
+        )  # fmt: skip
+    compute_shards(model, job, todo, writer)
+    return writer.close()
 
 
 def featurize(model, examples: list[Tokenized], out: Path, **kw) -> GradientStore:
@@ -287,20 +292,10 @@ def featurize(model, examples: list[Tokenized], out: Path, **kw) -> GradientStor
 
     ``model`` is the PeftModel with the checkpoint's adapter loaded; ``checkpoint`` is the
     epoch dir whose optimizer state the adam type needs. ``spec`` goes into the store's
-    metadata (with the sketch's) so that only compatible stores are ever compared. A store
-    left unfinished (killed run, other processes) is resumed: only missing shards are computed.
+    metadata (with the sketch's) so that only compatible stores are ever compared.
     Keywords: those of ``featurize_job``.
     """
-    job = featurize_job(model, examples, out, **kw)
-    writer = job.writer()
-    todo = writer.pending_shards()
-    if len(todo) < writer.n_shards:
-        log.info(
-            "featurize: resuming %s, %d of %d shards done", out.name, writer.n_shards - len(todo),
-            writer.n_shards,
-        )  # fmt: skip
-    compute_shards(model, job, todo, writer)
-    return writer.close()
+    return fill_store(model, featurize_job(model, examples, out, **kw))
 
 
 def eps_share(store: GradientStore) -> float | None:

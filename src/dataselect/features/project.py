@@ -14,7 +14,12 @@ import numpy as np
 import torch
 
 from dataselect.data.formatting import Tokenized
-from dataselect.features.featurize import gradient_batches, length_order, token_batches
+from dataselect.features.featurize import (
+    gradient_batches,
+    length_order,
+    progress,
+    token_batches,
+)
 from dataselect.features.gradients import grad_dim, per_example_grads
 from dataselect.features.store import GradientStore, StoreWriter
 from dataselect.training.data import collate
@@ -72,25 +77,18 @@ def project_pool(
         shard_size=shard_size,
     )
     shards = writer.pending_shards()
-    for n, i in enumerate(shards):  # batches within a shard: its bytes do not depend on resumes
-        rows = [ordered[r] for r in writer.shard_rows(i)]
-        batches = gradient_batches(
-            model,
-            rows,
-            pad_id,
-            batch_size,
-            method,
-            gradient_type,
-            adam,
-            adam_meta,
-            description=f"GIST pass ({gradient_type}) {n + 1}/{len(shards)}",
-            max_tokens=max_tokens,
-        )
-        coords, norms = [], []
-        for _, _, f in batches:  # |f|, not |g|: the energy share is of what is projected
-            coords.append((f @ Pt).cpu().numpy())
-            norms += f.norm(dim=1).tolist()
-        writer.write_shard(
-            i, [t.id for t in rows], np.concatenate(coords), [t.n_loss_tokens for t in rows], norms
-        )
+    rows = sum(len(writer.shard_rows(i)) for i in shards)
+    with progress(f"GIST pass ({gradient_type})", rows) as advance:
+        for i in shards:  # batches within a shard: its bytes do not depend on resumes
+            todo = [ordered[r] for r in writer.shard_rows(i)]
+            batches = gradient_batches(
+                model, todo, pad_id, batch_size, method, gradient_type, adam, adam_meta,
+                max_tokens=max_tokens, advance=advance,
+            )  # fmt: skip
+            coords, norms = [], []
+            for _, _, f in batches:  # |f|, not |g|: the energy share is of what is projected
+                coords.append((f @ Pt).cpu().numpy())
+                norms += f.norm(dim=1).tolist()
+            ids, n_tokens = [t.id for t in todo], [t.n_loss_tokens for t in todo]
+            writer.write_shard(i, ids, np.concatenate(coords), n_tokens, norms)
     return writer.close()

@@ -15,7 +15,7 @@ from dataselect.cache import content_key
 from dataselect.data.records import Example
 from dataselect.data.targets import Target
 from dataselect.features.distributed import ModelAt, featurize_array, featurize_ddp, make_executor
-from dataselect.features.featurize import compute_shards, eps_share, featurize_job
+from dataselect.features.featurize import eps_share, featurize_job, fill_store
 from dataselect.features.gradients import flat_adam_state, grad_dim, lora_parameters
 from dataselect.features.project import full_gradients, project_pool
 from dataselect.features.sketch import SketchSpec
@@ -83,16 +83,7 @@ def run_job(run: Run, job, model_at: CheckpointModels, ckpt: Path, dist) -> None
     bytes in every mode: see ``distributed.py``)."""
     mode = "none" if dist is None else dist.mode
     if mode == "none":
-        model = model_at(ckpt)
-        writer = job.writer()
-        todo = writer.pending_shards()
-        if len(todo) < writer.n_shards:
-            log.info(
-                "featurize: resuming %s, %d of %d shards done",
-                job.out.name, writer.n_shards - len(todo), writer.n_shards,
-            )  # fmt: skip
-        compute_shards(model, job, todo, writer)
-        writer.close()
+        fill_store(model_at(ckpt), job)
     elif mode == "ddp":
         model_at.release()
         featurize_ddp(job, model_at.recipe(ckpt), int(dist.devices), dist.accelerator)
