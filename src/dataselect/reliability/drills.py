@@ -14,6 +14,7 @@ so a kill is a real SIGKILL: no ``finally`` runs, no buffer is flushed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -22,7 +23,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,8 +169,6 @@ def partial_stages(cache: Path) -> list[str]:
 
 def stage_seconds(cache: Path) -> dict[str, float]:
     """How long each stage took in a run (from the COMPLETE markers)."""
-    import json
-
     out: dict[str, float] = {}
     for stage in STAGES:
         for marker in (cache / stage).glob("*/COMPLETE"):
@@ -390,8 +388,6 @@ def nan_drill(ws: Workspace) -> Drill:
 
 def _store_at(cache: Path, epoch: str) -> Path:
     """The pool store of warmup checkpoint ``epoch`` in a cache."""
-    import json
-
     for p in (cache / "features").glob("[!.]*"):
         if json.loads((p / "meta.json").read_text())["spec"]["checkpoint"].endswith(epoch):
             return p
@@ -451,21 +447,6 @@ def bad_input_drills(ws: Workspace, entry: str = "pipeline") -> list[Drill]:
     return rows
 
 
-def all_drills(ws: Workspace, kills: int = 2, seed: int = 0) -> list[Drill]:
-    rng = random.Random(seed)
-    rows: list[Drill] = []
-    for stage in ("warmup", "features", "finetune", "evaluate"):
-        rows += [kill_drill(ws, stage, rng, f"kill-{stage}-{k}") for k in range(kills)]
-        rows.append(kill_after_progress_drill(ws, stage))
-    rows.append(concurrent_drill(ws))
-    rows.append(determinism_drill(ws))
-    rows.append(full_disk_drill(ws))
-    rows.append(nan_drill(ws))
-    rows += [foreign_store_drill(ws, w) for w in ("model", "sketch")]
-    rows += bad_input_drills(ws)
-    return rows
-
-
 def table(rows: list[Drill]) -> str:
     def yes(v: bool | None) -> str:
         return "n/a" if v is None else ("yes" if v else "NO")
@@ -475,6 +456,3 @@ def table(rows: list[Drill]) -> str:
         outcome = r.outcome.replace("|", "/").replace("\n", " ")
         lines.append(f"| {r.name} | {outcome} | {yes(r.identical)} | {yes(r.ok)} |")
     return "\n".join(lines)
-
-
-Check = Callable[[Workspace], Drill]
