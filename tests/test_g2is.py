@@ -18,7 +18,7 @@ from dataselect.selectors.g2is import (
     g2is_walk,
     largest_remainder,
 )
-from dataselect.selectors.graph import NeighbourLists, knn_graph, neighbours_on_demand
+from dataselect.selectors.graph import NeighbourLists, knn_graph, neighbours_on_demand, unit_rows
 
 SPEC = {"model": "m", "sketch": {"kind": "none"}, "layout": {"dim": 2}, "checkpoint": "c"}
 
@@ -186,6 +186,38 @@ def test_graph_matches_brute_force_exact_and_on_demand():
         np.testing.assert_array_equal(j, want[i])
         np.testing.assert_allclose(s, sims[i], rtol=1e-6)
     assert knn_graph(X, 100)[0].shape == (57, 56)  # K capped at n - 1
+
+
+def test_lists_and_selection_do_not_depend_on_the_block_size(tmp_path):
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(300, 24)).astype(np.float32)
+    X[[7, 100, 299]] = X[7]  # duplicates land at different places in every blocking
+    X[[50, 51]] = X[50]
+    Xn = unit_rows(X)
+    assert Xn[7].tobytes() == Xn[100].tobytes() == Xn[299].tobytes()
+    small, whole = knn_graph(Xn, 12, block=7), knn_graph(Xn, 12, block=300)
+    np.testing.assert_array_equal(small[0], whole[0])
+    np.testing.assert_array_equal(small[1], whole[1])
+    assert whole[0][7][:2].tolist() == [100, 299] and whole[0][299][:2].tolist() == [7, 100]
+    for i in (7, 50, 51, 100, 299):
+        np.testing.assert_array_equal(neighbours_on_demand(Xn, i, 12)[0], whole[0][i])
+    ids = [f"p{i:03d}" for i in range(300)]
+    pool = [ex(i) for i in ids]
+    val = [ex(f"v{j}") for j in range(4)]
+    V = X[[7, 50, 7, 200]] + 0.1 * rng.normal(size=(4, 24))
+    picks = []
+    for block in (7, 1024):  # a store each: the exact graph is cached per store
+        train = store(tmp_path / str(block) / "features" / "train", ids, X)
+        vstore = store(tmp_path / str(block) / "features" / "val", [e.id for e in val], V)
+        feats = FeatureSet([CheckpointFeatures("epoch_1", 1e-5, train, vstore)])
+        target = Target.single("t", val, val[:1])
+        for graph in ("exact", "on_demand"):
+            sel = G2ISSelector(k_neighbors=12, graph=graph, graph_block=block, anchor_pool=30)
+            picks.append(sel.select(pool, target, 40, 0, feats).ids)
+    assert all(p == picks[0] for p in picks[1:])
+    assert len(picks[0]) >= 10 and {"p007", "p100", "p299"} <= set(picks[0])
+    dup = [i for i in picks[0] if i in ("p007", "p100", "p299")]
+    assert dup == sorted(dup)
 
 
 def test_pca_threshold_weights_and_orientation():

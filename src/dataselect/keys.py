@@ -17,6 +17,11 @@ from dataselect.config import task_config
 # training checkpoints.
 ARTIFACTS_VERSION = 2
 
+# Salted into selection keys only (selections are cheap to redo; warmups and stores are not).
+# Bump it when selector code changes what a selection holds for the same features. 1: canonical
+# rankings (selectors/ranking.py): ties, rounding-level ones included, break by pool order.
+SELECTION_VERSION = 1
+
 
 def content_key(obj: Any) -> str:
     return _content_key({"artifacts_version": ARTIFACTS_VERSION, "config": obj})
@@ -105,6 +110,7 @@ def select_key(cfg: DictConfig, features_key: str | None) -> str:
             "seed": cfg.seed,
             "features": features_key,
             "decontamination": _plain(cfg.decontamination),  # decides the candidates
+            "selection_version": SELECTION_VERSION,
         }
     )
 

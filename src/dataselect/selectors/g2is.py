@@ -37,7 +37,8 @@ from dataselect.data.records import Example
 from dataselect.data.targets import Target
 from dataselect.selectors.base import Selection, Selector, composition
 from dataselect.selectors.features import FeatureSet
-from dataselect.selectors.graph import NeighbourLists, knn_graph
+from dataselect.selectors.graph import NeighbourLists, knn_graph, unit_rows
+from dataselect.selectors.ranking import canonical_dot, dot_tolerance, rank_by_dot, tree_sum
 
 
 @dataclass
@@ -141,9 +142,15 @@ class _Component:
         self.sum += g
 
     def first_valid(self, cand: np.ndarray) -> int | None:
-        """The first of ``cand`` (in order) passing both rules, or None."""
-        sn2, sk = float(self.sum @ self.sum), float(self.sum @ self.kv)
+        """The first of ``cand`` (in order) passing both rules, or None.
+
+        Both rules compare float64 products with a threshold. A decision whose margin is
+        within the float64 error bound is taken again on canonical values (``ranking.py``),
+        so the walk is the same on every BLAS kernel and chunking."""
+        sn2 = float(canonical_dot(self.sum, self.sum)[0])
+        sk = float(canonical_dot(self.sum, self.kv)[0])
         old = abs(sk) / np.sqrt(sn2) if sn2 > 1e-20 else 0.0
+        e, s1 = dot_tolerance(self.X.shape[1], scale=1.0 + 1e-6), np.sqrt(sn2) + 1.0
         for s in range(0, len(cand), self.chunk):
             c = cand[s : s + self.chunk]
             c = c[~self.blocked[c]]
@@ -152,18 +159,33 @@ class _Component:
             C = self.X[c].astype(np.float64)
             ok = np.ones(len(c), dtype=bool)
             if self.conflict_rule and self.size:
-                conflict = (C @ self.members[: self.size].T < 0).any(axis=1)
+                dots = C @ self.members[: self.size].T
+                r, m = np.nonzero(np.abs(dots) <= e)  # sign unsure: decide canonically
+                dots[r, m] = tree_sum(C[r] * self.members[m])
+                conflict = (dots < 0).any(axis=1)
                 self.blocked[c[conflict]] = True
                 ok &= ~conflict
             if self.consistency_rule:
+                num = sk + C @ self.kv  # (sum_S g + g_z) . kv
                 n2 = sn2 + 2.0 * (C @ self.sum) + np.einsum("ij,ij->i", C, C)
-                dot = np.abs(sk + C @ self.kv)
-                new = np.where(n2 > 1e-20, dot / np.sqrt(np.maximum(n2, 1e-300)), 0.0)
+                new = _consistency(num, n2)
+                err = 2.0 * e * s1 * (1.0 / np.sqrt(np.maximum(n2, 1e-300)) + s1 / n2)
+                unsure = np.flatnonzero((np.abs(new - self.delta * old) <= err) | (n2 <= 1e-19))
+                if unsure.size:
+                    Cu = C[unsure]
+                    num_u = sk + canonical_dot(Cu, self.kv)
+                    n2_u = sn2 + 2.0 * canonical_dot(Cu, self.sum) + tree_sum(Cu * Cu)
+                    new[unsure] = _consistency(num_u, n2_u)
                 ok &= new >= self.delta * old
             hit = np.flatnonzero(ok)
             if hit.size:
                 return int(c[hit[0]])
         return None
+
+
+def _consistency(num: np.ndarray, n2: np.ndarray) -> np.ndarray:
+    """|cos(sum_S g + g_z, kv)| from its numerator and squared norm (0 for a zero sum)."""
+    return np.where(n2 > 1e-20, np.abs(num) / np.sqrt(np.maximum(n2, 1e-300)), 0.0)
 
 
 def g2is_walk(
@@ -198,7 +220,7 @@ def g2is_walk(
         out.per_component.append(stats)
         if b <= 0:
             continue
-        by_kv = np.argsort(-(X @ kv.astype(X.dtype)), kind="stable")  # dot with kv, descending
+        by_kv = rank_by_dot(X, kv)[0]  # dot with kv, descending (canonical order)
         if graph is None:
             top = by_kv[~taken[by_kv]][:b]
             for z in top:
@@ -233,7 +255,7 @@ def g2is_walk(
     if topup_direction is not None:
         missing = int(sum(budgets)) - len(out.order)
         if missing > 0:
-            by_w = np.argsort(-(X @ topup_direction.astype(X.dtype)), kind="stable")
+            by_w = rank_by_dot(X, topup_direction)[0]
             for z in by_w[~taken[by_w]][:missing]:
                 take(int(z), -1, "topup")
     return out
@@ -249,10 +271,16 @@ def mean_pairwise_cosine(Xs: np.ndarray) -> float | None:
     return float((total @ total - np.einsum("ij,ij->", Xs, Xs)) / (m * (m - 1)))
 
 
+GRAPH_ORDER = "canonical"
+
+
 def cached_graph(store, X: np.ndarray, k: int, block: int) -> np.ndarray:
     """The store's exact top-k graph, built once and kept beside it in the cache
-    (``<cache>/graph/<store key>-k<k>/``), reused across targets, budgets and seeds."""
-    path = Path(store.path).parent.parent / "graph" / f"{Path(store.path).name}-k{k}"
+    (``<cache>/graph/<store key>-k<k>-<order>/``), reused across targets, budgets and seeds.
+    ``GRAPH_ORDER`` names the neighbour order: graphs built before canonical ranking are not
+    served."""
+    name = f"{Path(store.path).name}-k{k}-{GRAPH_ORDER}"
+    path = Path(store.path).parent.parent / "graph" / name
     materialize(path, lambda work: np.save(work / "indices.npy", knn_graph(X, k, block)[0]))
     return np.load(path / "indices.npy")
 
@@ -325,7 +353,8 @@ class G2ISSelector(Selector):
             raise ValueError("g2is needs gradient features (the pipeline's features stage)")
         ckpt = self._checkpoint(features)
         # the whole store (every target's candidates are a subset): one graph per store
-        X = ckpt.train.features(normalize=True)
+        X = ckpt.train.features()
+        unit_rows(X, out=X)  # canonically normalized: duplicates stay bitwise duplicates
         cand = ckpt.train.index([e.id for e in pool])
         excluded = np.ones(len(X), dtype=bool)
         excluded[cand] = False
@@ -340,7 +369,9 @@ class G2ISSelector(Selector):
                 else None
             )
             nbrs = NeighbourLists(X, self.k_neighbors, self.graph, self.graph_block, indices)
-        direction = core.weights @ core.components if self.fill == "topup" else None
+        direction = None
+        if self.fill == "topup":  # sum_j w_j kv_j, in a fixed order of adds
+            direction = tree_sum(core.weights[:, None] * core.components, axis=0)
         walk = g2is_walk(
             X,
             core.components,

@@ -29,6 +29,14 @@ from dataselect.data.records import Example
 from dataselect.data.targets import Target
 from dataselect.selectors.base import Selection, Selector, composition
 from dataselect.selectors.features import FeatureSet, subtask_groups
+from dataselect.selectors.ranking import (
+    CANONICAL,
+    FAST,
+    Arithmetic,
+    canonical_dot,
+    dot_tolerance,
+    top_k,
+)
 
 
 @dataclass
@@ -97,20 +105,16 @@ def effective_rank(eigvals: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
-
-
 def gist_scores(
     train_coords: np.ndarray,
     val_coords: np.ndarray,
     groups: list[np.ndarray],
     energy: np.ndarray | None = None,
+    ar: Arithmetic = FAST,
 ) -> np.ndarray:
     """(n_pool, n_subtasks) cosines with each subtask's mean validation coordinates."""
-    centers = _normalize(np.stack([val_coords[g].mean(axis=0) for g in groups]))
-    cos = _normalize(train_coords) @ centers.T
+    centers = ar.normalize(np.stack([ar.mean(val_coords[g], axis=0) for g in groups]))
+    cos = ar.dot(ar.normalize(train_coords), centers)
     return cos * energy[:, None] if energy is not None else cos
 
 
@@ -151,16 +155,24 @@ class GISTSelector(Selector):
         return {"checkpoints": [self.checkpoint], "gradient_type": self.train_gradient}
 
     def _from_sketch(self, pool: list[Example], target: Target, features: FeatureSet):
+        """The subspace of the sketched validation gradients, the pool's coordinates and
+        norms in float64, and ``exact(positions)``: the same two, canonically."""
         (ckpt,) = features.checkpoints
         val = ckpt.val.features(ckpt.val.index([e.id for e in target.validation]))
         sub = task_subspace(val.astype(np.float64), self.k, self.variance)
         rows = ckpt.train.index([e.id for e in pool])
+        P = sub.P.astype(np.float64)
         coords, norms = [], []
         for s in range(0, len(rows), 8192):
             block = ckpt.train.features(rows[s : s + 8192])
-            coords.append(block @ sub.P)
-            norms.append(np.linalg.norm(block, axis=1))
-        return sub, np.concatenate(coords), np.concatenate(norms)
+            coords.append(FAST.dot(block, P.T))
+            norms.append(FAST.norms(block))
+
+        def exact(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            raw = ckpt.train.features(rows[positions])
+            return canonical_dot(raw, P.T), CANONICAL.norms(raw)
+
+        return sub, np.concatenate(coords), np.concatenate(norms), exact
 
     def select(
         self, pool: list[Example], target: Target, budget: int, seed: int, features: Any = None
@@ -172,17 +184,31 @@ class GISTSelector(Selector):
             pos = {i: n for n, i in enumerate(features.ids)}
             rows = np.array([pos[e.id] for e in pool])
             coords, norms = features.coords[rows], features.grad_norms[rows]
+            d = None  # the coordinates are stored: exact as they are
+
+            def exact(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                return coords[positions], norms[positions]
         else:
             if not isinstance(features, FeatureSet):
                 raise ValueError("gist (sketch) needs gradient features")
-            sub, coords, norms = self._from_sketch(pool, target, features)
+            sub, coords, norms, exact = self._from_sketch(pool, target, features)
+            d = features.checkpoints[0].train.dim
         names, groups = subtask_groups(target.validation)
-        energy = None
-        if self.energy_weight:
-            energy = np.linalg.norm(coords, axis=1) / np.where(norms > 0, norms, 1.0)
-        per_subtask = gist_scores(coords, sub.val_coords, groups, energy)
+
+        def scores(c: np.ndarray, g_norms: np.ndarray, ar: Arithmetic) -> np.ndarray:
+            energy = None
+            if self.energy_weight:
+                energy = ar.norms(c) / np.where(g_norms > 0, g_norms, 1.0)
+            return gist_scores(c, sub.val_coords, groups, energy, ar)
+
+        per_subtask = scores(coords, norms, FAST)
         score = per_subtask.max(axis=1)
-        top = np.argsort(-score, kind="stable")[:budget]
+        top = top_k(
+            score,
+            budget,
+            self._tolerance(coords, norms, d),
+            lambda p: scores(*exact(p), CANONICAL).max(axis=1),
+        )[0]
         chosen = [pool[i] for i in top]
         share = np.cumsum(sub.eigvals) / sub.eigvals.sum()
         return Selection(
@@ -198,3 +224,17 @@ class GISTSelector(Selector):
                 "eigvals": sub.eigvals.tolist(),
             },
         )
+
+    @staticmethod
+    def _tolerance(coords: np.ndarray, norms: np.ndarray, d: int | None) -> np.ndarray:
+        """Per-row bound on |fast - canonical| score. Coordinates computed from d-dim
+        gradients carry ~sqrt(k) gamma_d |g| of error, which normalizing them scales by
+        |g| / |P^T g|: large where g barely touches the subspace. Capped at 2, the range."""
+        k = coords.shape[1]
+        tol = np.full(len(coords), 2.0 * dot_tolerance(k))
+        if d is not None:
+            c = FAST.norms(coords)
+            rel = np.divide(norms, c, out=np.full_like(c, np.inf), where=c > 0)
+            rel[norms == 0] = 0.0  # a zero gradient scores exactly 0 either way
+            tol += 2.0 * np.sqrt(k) * dot_tolerance(d) * rel
+        return np.minimum(tol, 2.0)

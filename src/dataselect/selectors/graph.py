@@ -2,45 +2,50 @@
 
 The authors did not release their builder, and a full N x N is impossible at 270k examples,
 so the graph keeps K neighbours a node. ``X`` is an (n, d) float32 matrix of L2-normalized
-features, so cosine = dot product. Ranking: similarity descending, ties broken by the lower
-index first; a node is never its own neighbour.
+features (``unit_rows``), so cosine = dot product. Ranking: similarity descending, ties
+broken by the lower index first; a node is never its own neighbour. The order is canonical
+(``ranking.py``): the same lists on every BLAS kernel and with every ``block``.
 
-``knn_graph`` builds every list exactly, ``block`` rows at a time (``block @ X.T``, then
-argpartition + sort per block): memory O(block * n). ``neighbours_on_demand`` computes one
-node's list; the walk visits only ~budget nodes, so it needs ~budget rows, not n.
-``IVFIndex`` is the approximate option (an inverted file, as in faiss's IVF-Flat, in numpy):
-spherical k-means into ~sqrt(n) lists; a query scores only the rows of its ``n_probe``
-nearest lists, ~n_probe / n_lists of the exact cost.
+``knn_graph`` builds every list exactly, ``block`` rows at a time: a float32 ``block @ X.T``
+screens each row to the candidates that can reach its top K (those within twice the float32
+error bound of the K-th), which are then ranked in float64 with canonical tie-breaking.
+Memory O(block * n). ``neighbours_on_demand`` computes one node's list; the walk visits only
+~budget nodes, so it needs ~budget rows, not n. ``IVFIndex`` is the approximate option (an
+inverted file, as in faiss's IVF-Flat, in numpy): spherical k-means into ~sqrt(n) lists; a
+query scores only the rows of its ``n_probe`` nearest lists, ~n_probe / n_lists of the cost.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from dataselect.selectors.ranking import CANONICAL, dot_tolerance, rank_by_dot, tree_sum
 
-def _rank_rows(sims: np.ndarray, k: int) -> np.ndarray:
-    """Indices (rows, k) of each row's k largest entries: value descending, then index ascending.
 
-    argpartition alone is arbitrary among values tied at the k-th place; rows with such a tie
-    are redone exactly (rare with real features).
-    """
-    rows, n = sims.shape
+def unit_rows(X: np.ndarray, out: np.ndarray | None = None, block: int = 4096) -> np.ndarray:
+    """Rows of ``X`` L2-normalized canonically, as float32 (zero rows stay zero; ``out=X``
+    works in place): duplicates stay bitwise duplicates, whatever their position and kernel."""
+    out = np.empty(X.shape, dtype=np.float32) if out is None else out
+    for s in range(0, len(X), block):
+        out[s : s + block] = CANONICAL.normalize(X[s : s + block])
+    return out
+
+
+def _rank_rows(X: np.ndarray, rows: np.ndarray, screen: np.ndarray, k: int):
+    """Each row's top ``k`` (self excluded): ``screen`` (len(rows), n) holds the float32 dot
+    products, self at -inf. Any row that can be in the canonical top k lies within twice the
+    float32 bound of the screen's k-th value; only those are ranked in float64."""
+    n = screen.shape[1]
+    idx = np.empty((len(rows), k), dtype=np.int64)
+    sims = np.empty((len(rows), k), dtype=np.float64)
     if k == 0:
-        return np.zeros((rows, 0), dtype=np.int64)
-    if k < n:
-        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    else:
-        idx = np.broadcast_to(np.arange(n), (rows, n)).copy()
-    vals = np.take_along_axis(sims, idx, axis=1)
-    order = np.lexsort((idx, -vals), axis=-1)  # last key first: -value, then index
-    idx = np.take_along_axis(idx, order, axis=1)
-    if k < n:
-        kth = np.take_along_axis(sims, idx[:, -1:], axis=1)  # the k-th largest value
-        for r in np.flatnonzero((sims >= kth).sum(axis=1) > k):  # ties straddle the cut
-            cand = np.flatnonzero(sims[r] >= kth[r, 0])
-            cand = cand[np.lexsort((cand, -sims[r, cand]))]
-            idx[r] = cand[:k]
-    return idx
+        return idx, sims
+    margin = 2.0 * dot_tolerance(X.shape[1], np.float32, scale=1.0 + 1e-6)
+    kth = np.partition(screen, n - k, axis=1)[:, n - k]  # the k-th largest of each row
+    for r, i in enumerate(rows):
+        cand = np.flatnonzero(screen[r] >= kth[r] - margin)
+        idx[r], sims[r] = rank_by_dot(X, X[i], cand[cand != i], k)
+    return idx, sims
 
 
 def knn_graph(X: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -51,11 +56,9 @@ def knn_graph(X: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.
     sims = np.empty((n, k), dtype=np.float32)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        S = X[start:stop] @ X.T  # (block, n)
+        S = X[start:stop] @ X.T  # (block, n), float32: the screen
         S[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not its own neighbour
-        idx = _rank_rows(S, k)
-        indices[start:stop] = idx
-        sims[start:stop] = np.take_along_axis(S, idx, axis=1)
+        indices[start:stop], sims[start:stop] = _rank_rows(X, np.arange(start, stop), S, k)
     return indices, sims
 
 
@@ -63,10 +66,10 @@ def neighbours_on_demand(X: np.ndarray, i: int, k: int) -> tuple[np.ndarray, np.
     """Node ``i``'s row of ``knn_graph(X, k)``: (indices int32 (K,), sims float32 (K,))."""
     n = X.shape[0]
     k = max(0, min(int(k), n - 1))
-    S = X[i : i + 1] @ X.T  # (1, n): the same product as one row of a block
+    S = X[i : i + 1] @ X.T
     S[0, i] = -np.inf
-    idx = _rank_rows(S, k)[0]
-    return idx.astype(np.int32), S[0, idx].astype(np.float32)
+    idx, sims = _rank_rows(X, np.array([i]), S, k)
+    return idx[0].astype(np.int32), sims[0].astype(np.float32)
 
 
 class IVFIndex:
@@ -89,25 +92,31 @@ class IVFIndex:
         for _ in range(iters):  # spherical k-means: assign by dot, re-center, re-normalize
             assign = self._assign(C, block)
             for c in range(n_lists):
-                members = assign == c
-                if members.any():
-                    m = X[members].sum(axis=0)
-                    C[c] = m / max(float(np.linalg.norm(m)), 1e-12)
+                members = np.flatnonzero(assign == c)
+                if members.size:
+                    C[c] = unit_rows(tree_sum(X[members], axis=0)[None])[0]
         self.C = C
         assign = self._assign(C, block)
         self.lists = [np.flatnonzero(assign == c) for c in range(n_lists)]
 
     def _assign(self, C: np.ndarray, block: int) -> np.ndarray:
-        return np.concatenate(
-            [np.argmax(self.X[s : s + block] @ C.T, axis=1) for s in range(0, len(self.X), block)]
-        )
+        """Each row's nearest centroid; near-ties (within the float32 bound) go canonical."""
+        margin = 2.0 * dot_tolerance(self.X.shape[1], np.float32, scale=1.0 + 1e-6)
+        out = []
+        for s in range(0, len(self.X), block):
+            sims = self.X[s : s + block] @ C.T
+            best = np.argmax(sims, axis=1)
+            near = sims >= sims.max(axis=1, keepdims=True) - margin
+            for r in np.flatnonzero(near.sum(axis=1) > 1):
+                best[r] = rank_by_dot(C, self.X[s + r], np.flatnonzero(near[r]), 1)[0][0]
+            out.append(best)
+        return np.concatenate(out)
 
     def neighbours(self, i: int, k: int) -> np.ndarray:
-        probes = np.argsort(-(self.C @ self.X[i]), kind="stable")[: self.n_probe]
+        probes = rank_by_dot(self.C, self.X[i], np.arange(len(self.C)), self.n_probe)[0]
         cand = np.sort(np.concatenate([self.lists[c] for c in probes]))
         cand = cand[cand != i]
-        sims = (self.X[cand] @ self.X[i])[None, :]
-        return cand[_rank_rows(sims, min(k, cand.size))[0]].astype(np.int32)
+        return rank_by_dot(self.X, self.X[i], cand, min(k, cand.size))[0].astype(np.int32)
 
 
 class NeighbourLists:

@@ -24,11 +24,29 @@ from dataselect.data.records import Example
 from dataselect.data.targets import Target
 from dataselect.selectors.base import Selection, Selector, composition
 from dataselect.selectors.features import FeatureSet, subtask_groups
+from dataselect.selectors.ranking import CANONICAL, FAST, Arithmetic, dot_tolerance, top_k
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
+def less_scores(
+    train: list[np.ndarray],
+    val: list[np.ndarray],
+    weights: np.ndarray,
+    groups: list[np.ndarray],
+    variant: str,
+    ar: Arithmetic = FAST,
+) -> np.ndarray:
+    """(rows, n_subtasks) = sum_c w_c * score_c, from raw features per checkpoint c (pool
+    rows ``train[c]``, validation ``val[c]``): ``code`` averages the per-example cosines of
+    a subtask, ``paper`` takes the cosine with the subtask's mean validation gradient."""
+    out = np.zeros((len(train[0]), len(groups)))
+    for T, V, w in zip(train, val, weights, strict=True):
+        if variant == "paper":
+            V = np.stack([ar.mean(V[g], axis=0) for g in groups])
+        cos = ar.dot(ar.normalize(T), ar.normalize(V))  # (rows, n_val) or (rows, n_subtasks)
+        if variant == "code":
+            cos = np.stack([ar.mean(cos[:, g], axis=1) for g in groups], axis=1)
+        out += w * cos
+    return out
 
 
 class LESSSelector(Selector):
@@ -41,33 +59,37 @@ class LESSSelector(Selector):
         self.variant, self.block_rows = variant, block_rows
 
     def subtask_scores(self, pool: list[Example], target: Target, features: FeatureSet):
-        """(n_pool, n_subtasks) checkpoint-weighted cosine scores, and the subtask names."""
+        """(n_pool, n_subtasks) checkpoint-weighted cosine scores, the subtask names, and
+        ``rescore(positions)``: the canonical score (max over subtasks) of those pool rows."""
         names, groups = subtask_groups(target.validation)
         weights = features.lr_weights()
+        val_ids = [e.id for e in target.validation]
+        vals = [c.val.features(c.val.index(val_ids)) for c in features.checkpoints]
+        rows = [c.train.index([e.id for e in pool]) for c in features.checkpoints]
+
+        def scores(positions: np.ndarray, ar: Arithmetic) -> np.ndarray:
+            train = [
+                c.train.features(r[positions])
+                for c, r in zip(features.checkpoints, rows, strict=True)
+            ]
+            return less_scores(train, vals, weights, groups, self.variant, ar)
+
         out = np.zeros((len(pool), len(names)), dtype=np.float64)
-        for ckpt, w in zip(features.checkpoints, weights, strict=True):
-            val = ckpt.val.features(ckpt.val.index([e.id for e in target.validation]))
-            if self.variant == "paper":
-                val = np.stack([val[g].mean(axis=0) for g in groups])
-            val = _normalize(val)
-            rows = ckpt.train.index([e.id for e in pool])
-            for start in range(0, len(rows), self.block_rows):
-                train = ckpt.train.features(rows[start : start + self.block_rows], normalize=True)
-                cos = train @ val.T  # (block, n_val) or (block, n_subtasks)
-                if self.variant == "code":
-                    cos = np.stack([cos[:, g].mean(axis=1) for g in groups], axis=1)
-                out[start : start + len(train)] += w * cos
-        return out, names
+        for start in range(0, len(pool), self.block_rows):
+            block = np.arange(start, min(len(pool), start + self.block_rows))
+            out[block] = scores(block, FAST)
+        return out, names, lambda positions: scores(positions, CANONICAL).max(axis=1)
 
     def select(
         self, pool: list[Example], target: Target, budget: int, seed: int, features: Any = None
     ) -> Selection:
         if not isinstance(features, FeatureSet):
             raise ValueError("less needs gradient features (the pipeline's features stage)")
-        per_subtask, names = self.subtask_scores(pool, target, features)
+        per_subtask, names, rescore = self.subtask_scores(pool, target, features)
         score = per_subtask.max(axis=1)
-        # stable top-k: ties broken by pool order, so selections are reproducible
-        top = np.argsort(-score, kind="stable")[:budget]
+        # canonical top-k (ranking.py): ties, rounding-level ones included, go to pool order
+        d = features.checkpoints[0].train.dim
+        top = top_k(score, budget, dot_tolerance(d), rescore)[0]
         winners = Counter(names[j] for j in per_subtask[top].argmax(axis=1))
         chosen = [pool[i] for i in top]
         return Selection(
