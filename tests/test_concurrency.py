@@ -1,7 +1,8 @@
 """Cache locks under real concurrency: separate processes, kill -9, stale and racing locks.
 
-Every process here is a short ``python -c`` child importing only ``dataselect.cache``; waits are
-bounded (``timeout`` on locks, ``communicate`` and polling deadlines), and no model is loaded.
+Every process here is a short ``python -c`` child importing only ``dataselect.cache`` or
+``dataselect.locking``; waits are bounded (``timeout`` on locks, ``communicate`` and polling
+deadlines), and no model is loaded.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from dataselect import cache
-from dataselect.cache import file_lock, is_complete, lock_holder, lock_path, materialize, try_lock
+from dataselect import locking
+from dataselect.cache import is_complete, lock_path, materialize
+from dataselect.locking import file_lock, lock_holder, try_lock
 
 LINE = "0123456789abcdef" * 4 + "\n"
 CHUNKS = 20
@@ -231,7 +233,7 @@ def test_killed_holder_is_recovered(tmp_path, lock_mode, caplog, mode, resume):
         (work / "data.txt").write_text(LINE * CHUNKS)
 
     t0 = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="dataselect.cache"):
+    with caplog.at_level(logging.INFO, logger="dataselect.locking"):
         assert materialize(final, build, resume=resume, timeout=10) is False
     assert time.monotonic() - t0 < 2, "the dead holder's lock must not be waited for"
     assert seen == [["data.txt"] if resume else []]  # the killed run's partial file (or not)
@@ -253,7 +255,7 @@ def test_stale_heartbeat_from_another_host_is_broken(tmp_path, lock_mode, caplog
     lock_mode("file")
     final = tmp_path / "stage" / "key"
     _fake_lock(lock_path(final), "other-host.example", 4242, age=1000)
-    with caplog.at_level(logging.WARNING, logger="dataselect.cache"):
+    with caplog.at_level(logging.WARNING, logger="dataselect.locking"):
         assert materialize(final, lambda w: (w / "x").write_text("1"), timeout=5) is False
     (msg,) = [r.getMessage() for r in caplog.records if "breaking stale lock" in r.getMessage()]
     assert "pid 4242 on host other-host.example" in msg and "heartbeat" in msg
@@ -266,7 +268,7 @@ def test_fresh_heartbeat_from_another_host_is_respected(tmp_path, lock_mode, cap
     record = _fake_lock(lock_path(final), "other-host.example", 4242, age=1)
     t0 = time.monotonic()
     with (
-        caplog.at_level(logging.INFO, logger="dataselect.cache"),
+        caplog.at_level(logging.INFO, logger="dataselect.locking"),
         pytest.raises(TimeoutError, match="pid 4242 on host other-host.example"),
     ):
         materialize(final, lambda w: pytest.fail("must not build"), timeout=0.5)
@@ -289,7 +291,7 @@ def test_live_holder_heartbeat_keeps_its_lock(tmp_path, lock_mode, caplog):
     path, started = tmp_path / ".thing.lock", tmp_path / "started"
     code = (
         "import pathlib, sys, time\n"
-        "from dataselect.cache import file_lock\n"
+        "from dataselect.locking import file_lock\n"
         "with file_lock(pathlib.Path(sys.argv[1])):\n"
         "    pathlib.Path(sys.argv[2]).touch()\n"
         "    time.sleep(1.5)\n"
@@ -302,7 +304,7 @@ def test_live_holder_heartbeat_keeps_its_lock(tmp_path, lock_mode, caplog):
     time.sleep(0.4)
     assert lock_holder(path)["heartbeat"] > first["heartbeat"]  # the heartbeat moves
     with (
-        caplog.at_level(logging.INFO, logger="dataselect.cache"),
+        caplog.at_level(logging.INFO, logger="dataselect.locking"),
         file_lock(path, timeout=10, stale_after=0.5),
     ):
         assert lock_holder(path)["pid"] == os.getpid()  # after the holder let go
@@ -359,9 +361,9 @@ def test_dead_breaker_claim_does_not_block_forever(tmp_path, lock_mode):
     lock_mode("file")
     path = tmp_path / ".k.lock"
     _fake_lock(path, "other-host.example", 7, age=1000)
-    seen = cache._read_lock(path)
-    claim = cache._claim_break(path, seen.ident, stale_after=300)
-    assert claim is not None and cache._claim_break(path, seen.ident, stale_after=300) is None
+    seen = locking._read_lock(path)
+    claim = locking._claim_break(path, seen.ident, stale_after=300)
+    assert claim is not None and locking._claim_break(path, seen.ident, stale_after=300) is None
     with try_lock(path, stale_after=300) as mine:
         assert mine is False  # a live breaker is at work (its claim is fresh)
     old = time.time() - 1000

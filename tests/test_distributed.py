@@ -31,8 +31,7 @@ def job_for(model, toks, ckpt, pad, out, trace=None):
         spec={"model": "tiny"},
         checkpoint=ckpt,
         pad_id=pad,
-        batch_size=2,
-        shard_size=4,
+        batching=fz.Batching(batch_size=2, shard_size=4),
         dtype="float32",
     )
     job.trace = trace
@@ -115,9 +114,8 @@ def test_a_failed_array_task_is_finished_by_the_coordinator(setup, tmp_path, tin
 def test_pipeline_featurizes_as_a_submitit_array_into_the_same_store(tmp_path):
     """`features.distributed.mode=submitit` through the pipeline (local executor, 2 tasks):
     the same pool stores and selection as one process; the mode is not in the key."""
+    from drills import digest
     from test_pipeline import run as run_pipeline
-
-    from dataselect.reliability.drills import digest
 
     common = ["selector=less", "stage=select", "features.shard_size=8"]
     one = run_pipeline(tmp_path / "one", *common)

@@ -46,10 +46,8 @@ def run(model, toks, ckpt, pad_id, out, gtype, max_tokens=None):
         spec={"model": "tiny"},
         checkpoint=ckpt,
         pad_id=pad_id,
-        batch_size=2,
-        shard_size=4,
+        batching=fz.Batching(batch_size=2, shard_size=4, max_tokens=max_tokens),
         dtype="float32",
-        max_tokens=max_tokens,
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 from dataselect.data.records import make_example
 from dataselect.data.targets import Target
 from dataselect.features.store import StoreWriter
-from dataselect.selectors.features import CheckpointFeatures, FeatureSet
+from dataselect.features.stores import CheckpointFeatures, FeatureSet, GradientStores
 from dataselect.selectors.g2is import (
     G2ISSelector,
     core_knowledge,
@@ -235,12 +235,9 @@ def test_pca_threshold_weights_and_orientation():
     assert len(core_knowledge(V, n_components=4).weights) == 4
 
 
-def test_feature_overrides_and_checkpoint_choice(hand):
-    assert G2ISSelector().feature_overrides() == {"gradient_type": "adam"}
-    assert G2ISSelector(checkpoint=2).feature_overrides() == {
-        "gradient_type": "adam",
-        "checkpoints": [2],
-    }
+def test_feature_request_and_checkpoint_choice(hand):
+    assert G2ISSelector().request() == GradientStores("adam", None)
+    assert G2ISSelector(checkpoint=2).request() == GradientStores("adam", (2,))
     pool, target, feats = hand
     with pytest.raises(ValueError, match="epoch_3"):
         G2ISSelector(checkpoint=3).select(pool, target, 2, 0, feats)

@@ -13,9 +13,9 @@ import torch
 
 from dataselect.data.records import make_example
 from dataselect.data.targets import Target
-from dataselect.selectors.gist import (
+from dataselect.selectors.gist import GISTSelector
+from dataselect.selectors.gist_subspace import (
     GISTCoords,
-    GISTSelector,
     choose_rank,
     effective_rank,
     task_subspace,
@@ -101,7 +101,7 @@ def test_streaming_pass_never_holds_the_pool_gradients(tmp_path):
         ids = [rng.integers(3, 200, 24).tolist() for _ in range(1000)]
         toks = [Tokenized(f"x{{i}}", x, [-100] * 12 + x[12:]) for i, x in enumerate(ids)]
         P = np.linalg.qr(rng.normal(size=(D, 8)).astype(np.float32))[0]
-        store = project_pool(model, toks, P, {str(tmp_path / "s")!r}, {{}}, 0, batch_size=8)
+        store = project_pool(model, toks, P, {str(tmp_path / "s")!r}, {{}}, 0)
         print(json.dumps({{"D": D, "n": len(store), "k": store.dim,
               "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
         """

@@ -10,7 +10,7 @@ import pytest
 from dataselect.data.records import make_example
 from dataselect.data.targets import Target
 from dataselect.features.store import StoreMismatch, StoreWriter
-from dataselect.selectors.features import CheckpointFeatures, FeatureSet
+from dataselect.features.stores import CheckpointFeatures, FeatureSet
 from dataselect.selectors.less import LESSSelector
 
 SPEC = {"model": "m", "sketch": {"kind": "none"}, "layout": {"dim": 2}}

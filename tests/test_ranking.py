@@ -115,7 +115,7 @@ import numpy as np
 from dataselect.data.records import make_example
 from dataselect.data.targets import Target
 from dataselect.features.store import StoreWriter
-from dataselect.selectors.features import CheckpointFeatures, FeatureSet
+from dataselect.features.stores import CheckpointFeatures, FeatureSet
 from dataselect.selectors.g2is import G2ISSelector
 from dataselect.selectors.gist import GISTSelector
 from dataselect.selectors.less import LESSSelector

@@ -1,4 +1,4 @@
-"""The fault drills (``dataselect.reliability.drills``) on the tiny model, each a real
+"""The fault drills (``experiments/reliability/drills.py``) on the tiny model, each a real
 ``python -m dataselect`` process: kill -9 inside every stage, a concurrent pair, determinism
 across runs and 1 vs 2 DDP processes, a full disk, NaN weights, foreign stores, and the whole
 bad-input corpus through ``run_pipeline``. Every drill must pass."""
@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import random
 
+import drills
 import pytest
-
-from dataselect.reliability import drills
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +18,31 @@ def ws(tmp_path_factory):
     return ws
 
 
-@pytest.mark.parametrize("stage", ["warmup", "features", "finetune", "evaluate"])
+def test_the_drills_enumerate_the_stage_graph():
+    """Every stage of the graph is drilled, or finishes too fast to interrupt (select); the
+    digests cover every cache folder the dry run lists for the drills' config."""
+    from dataselect.stages import STAGES
+
+    assert drills.kill_stages() == ("warmup", "features", "finetune", "evaluate")
+    assert {s.name for s in STAGES} - set(drills.kill_stages()) == {"select"}
+    assert drills.cache_stages() == (
+        "warmup",
+        "features",
+        "features_val",
+        "select",
+        "finetune",
+        "evaluate",
+    )
+
+
+@pytest.mark.parametrize("stage", drills.kill_stages())
 def test_kill_9_inside_a_stage_resumes_to_identical_artifacts(ws, stage):
     d = drills.kill_drill(ws, stage, random.Random(stage), f"kill-{stage}")
     assert d.ok and d.identical, d.outcome
     assert "killed" in d.outcome and f"into {stage}" in d.outcome
 
 
-@pytest.mark.parametrize("stage", ["warmup", "features", "finetune", "evaluate"])
+@pytest.mark.parametrize("stage", drills.kill_stages())
 def test_kill_9_after_a_unit_of_work_resumes_from_it(ws, stage):
     """Killed right after an epoch checkpoint / a shard / a benchmark: the re-run resumes from
     it (its log says so) and ends with the reference artifacts."""

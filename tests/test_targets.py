@@ -21,6 +21,7 @@ from dataselect.data.targets import candidates, load_target
 from dataselect.evaluation import aggregate
 from dataselect.evaluation.harness import task_limit
 from dataselect.evaluation.scoring import extract, is_correct
+from dataselect.evaluation.tasks import task_benchmarks
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -218,7 +219,7 @@ def test_multi_task_target_is_the_union_with_task_labels(both):
     assert both.name == "gsm8k+bbh"
     assert len(both.validation) == 32 + 81
     assert {e.subtask for e in both.validation} == {"gsm8k", *BBH_TASKS}
-    benches = [b for t in both.tasks for b in t.benchmarks()]
+    benches = [b for t in both.tasks for b in task_benchmarks(t)]
     assert len(benches) == 1 + 27
     g = benches[0]
     assert g.name == "gsm8k" and len(g.fewshot) == 8 and g.answer_type == "number"

@@ -23,7 +23,7 @@ import numpy as np
 from dataselect.data.records import Example
 from dataselect.data.targets import Target
 from dataselect.features.store import GradientStore, StoreWriter
-from dataselect.selectors.features import CheckpointFeatures, FeatureSet
+from dataselect.features.stores import CheckpointFeatures, FeatureSet
 from dataselect.selectors.g2is import G2ISSelector, core_knowledge, g2is_walk, largest_remainder
 from dataselect.selectors.graph import NeighbourLists, knn_graph
 

@@ -30,7 +30,7 @@ from dataselect.features.gradients import flat_adam_state, grad_dim, lora_parame
 from dataselect.features.project import full_gradients, project_pool
 from dataselect.features.sketch import SketchSpec
 from dataselect.keys import warmup_key
-from dataselect.selectors.gist import task_subspace
+from dataselect.selectors.gist_subspace import task_subspace
 from dataselect.training import load_optimizer_state
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,8 +7,9 @@ bad-input corpus, a full disk, NaN gradients, foreign stores, determinism (1 vs 
 
 Prints the table (drill, outcome, artifacts identical, pass) and exits non-zero if a drill
 failed. Every pipeline run is a real ``python -m dataselect`` process on the tiny random
-model (CPU), so a kill is a real SIGKILL. The logic lives in ``dataselect.reliability.drills``
-(the tests run the same drills at a small size).
+model (CPU), so a kill is a real SIGKILL. The logic lives in ``drills.py`` beside this script
+(the tests run the same drills at a small size); ``python experiments/reliability/corpus.py``
+prints the table of the bad-input cases.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dataselect.reliability import drills as d
+import drills as d
 
 GROUPS = ("kill", "concurrent", "determinism", "disk", "nan", "foreign", "bad-input")
 
@@ -47,7 +48,7 @@ def main() -> int:
         rows.extend(new)
 
     if "kill" in args.only:
-        for stage in ("warmup", "features", "finetune", "evaluate"):
+        for stage in d.kill_stages():
             for k in range(args.kills):
                 report([d.kill_drill(ws, stage, rng, f"kill-{stage}-{k}")])
             report([d.kill_after_progress_drill(ws, stage)])

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import Container, DictConfig, OmegaConf
 
-from dataselect.cache import content_key as _content_key
+from dataselect.cache import digest
 from dataselect.config import task_config
 
 # Salted into every key. Bump it when code changes what an artifact holds for the same config
@@ -23,8 +23,10 @@ ARTIFACTS_VERSION = 2
 SELECTION_VERSION = 1
 
 
-def content_key(obj: Any) -> str:
-    return _content_key({"artifacts_version": ARTIFACTS_VERSION, "config": obj})
+def artifact_key(obj: Any) -> str:
+    """The one function that names an artifact of the stage graph: a digest of what determines
+    it, salted with ``ARTIFACTS_VERSION``."""
+    return digest({"artifacts_version": ARTIFACTS_VERSION, "config": obj})
 
 
 def _plain(node: Any) -> Any:
@@ -53,7 +55,7 @@ def warmup_seed(cfg: DictConfig) -> int:
 
 
 def warmup_key(cfg: DictConfig) -> str:
-    return content_key(
+    return artifact_key(
         {
             "model": model_spec(cfg),
             "lora": _plain(cfg.model.lora),
@@ -96,11 +98,11 @@ def features_keys(cfg: DictConfig, fc: DictConfig, checkpoint: str) -> tuple[str
         "shard_size": fc.shard_size,
     }
     val = {**common, "validation": validation_spec(cfg)}
-    return content_key(pool), content_key(val)
+    return artifact_key(pool), artifact_key(val)
 
 
 def select_key(cfg: DictConfig, features_key: str | None) -> str:
-    return content_key(
+    return artifact_key(
         {
             "model": model_spec(cfg),
             "pool": pool_spec(cfg),
@@ -117,7 +119,7 @@ def select_key(cfg: DictConfig, features_key: str | None) -> str:
 
 def finetune_key(cfg: DictConfig, selection_hash: str) -> str:
     """``selection_hash`` hashes the selected ids: a changed selection never reuses a model."""
-    return content_key(
+    return artifact_key(
         {
             "model": model_spec(cfg),
             "lora": _plain(cfg.model.lora),
@@ -130,7 +132,7 @@ def finetune_key(cfg: DictConfig, selection_hash: str) -> str:
 
 def evaluate_key(cfg: DictConfig, adapter_key: str | None) -> str:
     ev = {k: v for k, v in _plain(cfg.evaluator).items() if k != "include_base"}
-    return content_key(
+    return artifact_key(
         {
             "model": model_spec(cfg),
             "adapter": adapter_key,
@@ -138,23 +140,3 @@ def evaluate_key(cfg: DictConfig, adapter_key: str | None) -> str:
             "target": target_spec(cfg),
         }
     )
-
-
-def gist_keys(cfg: DictConfig, checkpoint: str, selector) -> tuple[str, str]:
-    """(pool-pass key, validation-gradient key) of exact GIST at one checkpoint. The pool pass
-    depends on the target (its subspace): that is GIST's per-target cost."""
-    val = {
-        "model": model_spec(cfg),
-        "warmup": warmup_key(cfg),
-        "checkpoint": checkpoint,
-        "validation": validation_spec(cfg),
-        "method": cfg.features.method,
-    }
-    pool = {
-        **val,
-        "pool": pool_spec(cfg),
-        "k": selector.k,
-        "variance": selector.variance,
-        "train_gradient": selector.train_gradient,
-    }
-    return content_key(pool), content_key(val)

@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from dataselect.cache import content_key, materialize
+from dataselect.cache import digest, materialize
 from dataselect.data.formatting import ensure_chat_template
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _gguf_location(spec: str) -> tuple[Path, str]:
 def resolve_model_path(name: str, cache_dir: Path) -> str:
     """A path (or hub id) for ``from_pretrained``; converts GGUF / builds tiny-random once."""
     if name == "tiny-random" or name.startswith("gguf:"):
-        out = Path(cache_dir) / "models" / content_key({"model": name})
+        out = Path(cache_dir) / "models" / digest({"model": name})
         build = build_tiny_random if name == "tiny-random" else lambda d: _convert_gguf(name, d)
         if not materialize(out, build):
             log.info("model %s prepared in %s", name, out)

@@ -1,6 +1,7 @@
 """Dry run (``dry_run=true``): what a run would do, without loading the model or training.
 
-For every stage that would run: its cache key and status (``cached`` when
+It walks the same stage graph as the run (``stages.STAGES``), asking each stage for its key
+and estimate. For every artifact that would be used: its cache key and status (``cached`` when
 ``<cache_dir>/<stage>/<key>/COMPLETE`` exists, else ``to run``; finetune and evaluate are keyed
 by the selected ids, so before the selection exists they ``depend on the selection``), the
 examples it processes, its compute and its storage. Seconds per example come from this
@@ -8,8 +9,8 @@ model's artifacts already in the cache (each ``COMPLETE`` marker holds its build
 else from ``model.cost`` (reference costs from the papers), else they are unknown.
 
     warmup     fraction x pool x epochs               adapter + Adam state: D x 12 B x epochs
-    features   (pool + validation) x checkpoints      pool x sketch dim x bytes x checkpoints
-    GIST pass  validation x epochs + pool x 1         validation x D x 4 B x epochs + pool x k x 4 B
+    features   what the selector's request estimates (gradient stores: pool x sketch dim x
+               bytes x checkpoints; a per-target pass: its own)
     finetune   budget x epochs                        D x 12 B x epochs
     evaluate   test items (after evaluator.limit)
 """
@@ -26,39 +27,19 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dataselect.cache import COMPLETE, content_key
-from dataselect.config import Stage
-from dataselect.keys import (
-    evaluate_key,
-    features_keys,
-    finetune_key,
-    gist_keys,
-    model_spec,
-    select_key,
-    warmup_key,
-)
+from dataselect import stages as graph
+from dataselect.cache import COMPLETE
+from dataselect.context import Sizes
+from dataselect.keys import model_spec
+from dataselect.pipeline import stage_name
 from dataselect.selectors.base import BudgetError, resolve_budget
 
 CACHED, TO_RUN, DEPENDS = "cached", "to run", "depends on the selection"
-ORDER = [Stage.warmup, Stage.features, Stage.select, Stage.finetune, Stage.evaluate]
-KIND = {  # which measured rate (seconds per example) a cache stage uses
-    "warmup": "train",
-    "finetune": "train",
-    "features": "featurize",
-    "features_val": "featurize",
-    "gist_val": "featurize",
-    "gist_spectrum": "featurize",
-    "gist_pass": "featurize",
-    "evaluate": "evaluate",
-    "evaluate_base": "evaluate",
-}
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-TRAIN_STATE_BYTES = 12  # per LoRA parameter and epoch: fp32 adapter + Adam's 2 fp32 moments
 
 
 @dataclass
 class Step:
-    stage: str  # the cache folder: warmup, features, features_val, gist_val, gist_pass, ...
+    stage: str  # the cache folder: warmup, features, features_val, select, ...
     what: str  # e.g. "pool @ epoch_2"
     key: str | None
     status: str
@@ -67,6 +48,7 @@ class Step:
     rate_source: str = ""
     seconds: float | None = None  # measured (cached) or estimated
     bytes: int | None = None
+    kind: str | None = None  # whose measured rate prices it: train | featurize | evaluate
 
 
 @dataclass
@@ -127,7 +109,7 @@ def artifact_examples(stage: str, path: Path) -> int | None:
         return len(_json(path / "data.json")["ids"]) * _epochs(path)
     if (path / "meta.json").is_file():  # a gradient store
         return int(_json(path / "meta.json")["n_total"])
-    if (path / "ids.json").is_file():  # GIST's full-D validation gradients
+    if (path / "ids.json").is_file():  # full-D gradients, one row per listed example
         return len(_json(path / "ids.json"))
     if (path / "samples.jsonl").is_file():  # an evaluation: one line per scored item
         return sum(1 for line in (path / "samples.jsonl").open() if line.strip())
@@ -144,9 +126,10 @@ def _adapter_base(path: Path) -> str | None:
 
 
 def _model_stores(cfg: DictConfig, cache: Path):
-    """(dir, meta) of the cached gradient stores built with this run's model."""
+    """(dir, meta) of the cached gradient stores (any pass) built with this run's model."""
     spec = model_spec(cfg)
-    for stage in ("features", "features_val", "gist_pass"):
+    stages = [d.name for d in cache.iterdir() if d.is_dir()] if cache.is_dir() else []
+    for stage in sorted(stages):
         for d in _dirs(cache, stage):
             meta = _json(d / "meta.json") if (d / "meta.json").is_file() else {}
             if meta.get("spec", {}).get("model") == spec:
@@ -161,7 +144,7 @@ def measured_grad_dim(cfg: DictConfig, cache: Path) -> int | None:
     return None
 
 
-def measurements(cfg: DictConfig, cache: Path, own: list[tuple[str, Path]]):
+def measurements(cfg: DictConfig, cache: Path, own: list[tuple[str, str, Path]]):
     """{kind: [(seconds, examples), ...]} from this model's cached artifacts.
 
     Gradient stores name their model in meta.json; a warmup is this model's when such a store
@@ -172,9 +155,9 @@ def measurements(cfg: DictConfig, cache: Path, own: list[tuple[str, Path]]):
     for d, meta in _model_stores(cfg, cache):
         found[d] = ("featurize", d.parent.name)
         warmups.add(str(meta["spec"].get("checkpoint", "")).split("/")[0])
-    for stage, d in own:
+    for kind, stage, d in own:
         if (d / COMPLETE).is_file():
-            found[d] = (KIND[stage], stage)
+            found[d] = (kind, stage)
             warmups |= {d.name} if stage == "warmup" else set()
     bases = set()
     for d in _dirs(cache, "warmup"):
@@ -268,81 +251,21 @@ def target_sizes(cfg: DictConfig, data_dir: Path) -> tuple[int | None, int | Non
 # ---- the plan ----------------------------------------------------------------------------
 
 
-def _mul(*xs) -> int | None:
-    out = 1
-    for x in xs:
-        if x is None:
-            return None
-        out *= x
-    return int(out)
-
-
-def _ckpt_names(checkpoints, epochs: int) -> list[str]:
-    wanted = range(1, epochs + 1) if checkpoints == "all" else sorted(int(e) for e in checkpoints)
-    return [f"epoch_{e}" for e in wanted]
-
-
-def _selected_ids(path: Path) -> list[str]:
-    rows = [json.loads(line) for line in (path / "selection.jsonl").read_text().splitlines()]
-    return [r["id"] for r in sorted(rows, key=lambda r: r["rank"])]
-
-
-def _steps(cfg, selector, upto, sizes, grad_dim) -> list[Step]:
-    """The steps with keys, statuses and the examples/bytes they would take (no rates yet)."""
+def _steps(cfg, selector, stages, sizes: Sizes) -> list[Step]:
+    """The graph's estimates: each artifact's key, status and examples/bytes (no rates yet)."""
     cache = Path(cfg.paths.cache_dir)
-    n_pool, n_val, n_test, budget = (sizes[k] for k in ("pool", "validation", "test", "budget"))
-    epochs, ft_epochs = int(cfg.warmup.epochs), int(cfg.finetune.epochs)
     steps: list[Step] = []
-
-    def add(stage: str, what: str, key: str | None, examples, nbytes) -> Step:
-        status = DEPENDS if key is None else TO_RUN
-        if key is not None and (cache / stage / key / COMPLETE).is_file():
-            status = CACHED
-        steps.append(Step(stage, what, key, status, examples, bytes=nbytes))
-        return steps[-1]
-
-    n_warm = max(1, round(cfg.warmup.fraction * n_pool)) if n_pool else None
-    state = _mul(grad_dim, TRAIN_STATE_BYTES, epochs)
-    add("warmup", f"{n_warm} x {epochs} epochs", warmup_key(cfg), _mul(n_warm, epochs), state)
-    features_key = None
-    if Stage.features in upto and selector.needs_features and selector.needs_pool_pass():
-        ckpt = f"epoch_{int(selector.checkpoint)}"
-        for c in _ckpt_names("all", epochs):  # exact GIST: full-D validation grads at its
-            key = gist_keys(cfg, c, selector)[1]  # checkpoint; the others' spectra only
-            if c == ckpt:
-                add("gist_val", f"validation, full D @ {c}", key, n_val, _mul(n_val, grad_dim, 4))
-            else:
-                add("gist_spectrum", f"validation spectrum @ {c}", key, n_val, _mul(n_val, 8))
-        features_key = gist_keys(cfg, ckpt, selector)[0]
-        k = selector.k if selector.variance is None else n_val  # variance rule: k <= N
-        add("gist_pass", f"pool @ {ckpt}, k={k}", features_key, n_pool, _mul(n_pool, k, 4))
-    elif Stage.features in upto and selector.needs_features:
-        fc = OmegaConf.merge(cfg.features, selector.feature_overrides())
-        dim = grad_dim if fc.sketch.kind == "none" else int(fc.sketch.dim)
-        per = DTYPE_BYTES.get(fc.dtype, 4)
-        keys = []
-        for c in _ckpt_names(fc.checkpoints, epochs):
-            pool_key, val_key = features_keys(cfg, fc, c)
-            keys += [pool_key, val_key]
-            what = f"pool {fc.gradient_type} @ {c}"
-            add("features", what, pool_key, n_pool, _mul(n_pool, dim, per))
-            add("features_val", f"validation sgd @ {c}", val_key, n_val, _mul(n_val, dim, per))
-        features_key = content_key(keys)
-    if Stage.select not in upto:
-        return steps
-    sel = add("select", f"{selector.name}, budget {budget}", select_key(cfg, features_key), 0, 0)
-    ft_key = None
-    if sel.status == CACHED:  # finetune and evaluate are keyed by the selected ids
-        ids = _selected_ids(cache / "select" / sel.key)
-        ft_key, budget = finetune_key(cfg, content_key(ids)), len(ids)
-    if Stage.finetune in upto:
-        state = _mul(grad_dim, TRAIN_STATE_BYTES, ft_epochs)
-        add("finetune", f"{budget} x {ft_epochs} epochs", ft_key, _mul(budget, ft_epochs), state)
-    if Stage.evaluate in upto:
-        ev_key = evaluate_key(cfg, ft_key) if ft_key else None
-        add("evaluate", "fine-tuned model", ev_key, n_test, 0)
-        if cfg.evaluator.include_base:
-            add("evaluate_base", "base model", evaluate_key(cfg, None), n_test, 0)
+    up: dict[str, graph.Estimate] = {}
+    for spec in stages:
+        inputs = {n: up[n] for n in spec.inputs}
+        up[spec.name] = spec.estimate(cfg, selector, sizes, inputs, spec.key(cfg, selector, inputs))
+        for a in up[spec.name].artifacts:
+            status = DEPENDS if a.key is None else TO_RUN
+            if a.key is not None and (cache / a.stage / a.key / COMPLETE).is_file():
+                status = CACHED
+            steps.append(
+                Step(a.stage, a.what, a.key, status, a.examples, bytes=a.bytes, kind=a.kind)
+            )
     return steps
 
 
@@ -350,8 +273,8 @@ def plan(cfg: DictConfig) -> Plan:
     """The stages ``cfg`` would run, with keys, cache status and estimated cost."""
     cache, data_dir = Path(cfg.paths.cache_dir), Path(cfg.paths.data_dir)
     selector = instantiate(cfg.selector)
-    stage = Stage(cfg.stage)
-    upto = set(ORDER if stage == Stage.all else ORDER[: ORDER.index(stage) + 1])
+    stage = stage_name(cfg)
+    stages = graph.upto(graph.STAGES, stage)
     notes: list[str] = []
     n_pool, pool_src = pool_size(cfg, data_dir)
     n_val, n_test, target_src = target_sizes(cfg, data_dir)
@@ -377,8 +300,8 @@ def plan(cfg: DictConfig) -> Plan:
 
     cost = cfg.model.get("cost") or {}
     grad_dim = measured_grad_dim(cfg, cache) or cost.get("grad_dim")
-    steps = _steps(cfg, selector, upto, sizes, grad_dim)
-    own = [(s.stage, cache / s.stage / s.key) for s in steps if s.key and s.stage in KIND]
+    steps = _steps(cfg, selector, stages, Sizes(n_pool, n_val, n_test, budget, grad_dim))
+    own = [(s.kind, s.stage, cache / s.stage / s.key) for s in steps if s.key and s.kind]
     rate = rates(cfg, measurements(cfg, cache, own))
     for s in steps:
         path = cache / s.stage / s.key if s.key else None
@@ -387,10 +310,8 @@ def plan(cfg: DictConfig) -> Plan:
             s.seconds, s.bytes = _marker_seconds(path), _disk_bytes(path)
             s.rate = s.seconds / s.examples if s.examples else None
             s.rate_source = "measured: this artifact"
-        elif s.stage in KIND:
-            s.rate, s.rate_source = (
-                rate[KIND[s.stage]][k] for k in ("seconds_per_example", "source")
-            )
+        elif s.kind:
+            s.rate, s.rate_source = (rate[s.kind][k] for k in ("seconds_per_example", "source"))
             s.seconds = s.examples * s.rate if None not in (s.examples, s.rate) else None
         else:  # select: seconds to minutes, never the bottleneck
             s.seconds, s.rate_source = 0.0, "negligible"
@@ -406,7 +327,7 @@ def plan(cfg: DictConfig) -> Plan:
         "selector": selector.name,
         "budget": cfg.budget,
         "seed": cfg.seed,
-        "stage": stage.value,
+        "stage": stage,
         "cache_dir": str(cache),
         "device": cfg.trainer.accelerator,
     }
@@ -444,7 +365,7 @@ def print_plan(p: Plan, console=None) -> dict[str, Any]:
             s.key or "-",
             f"[{style[s.status]}]{s.status}[/]",
             _num(s.examples, ","),
-            _num(s.rate, ".3g") if s.stage in KIND else "-",
+            _num(s.rate, ".3g") if s.kind else "-",
             _num(None if s.seconds is None else s.seconds / 3600, ".3g"),
             _num(None if s.bytes is None else s.bytes / 1e9, ".3g"),
         )

@@ -38,23 +38,6 @@ class Task:
     max_length: int | None = None  # token limit of validation examples (None: the model's)
     dropped_test: int = 0  # test items equal to a validation example or a demonstration
 
-    def benchmarks(self):
-        """One lm-eval benchmark per subtask of the test items (``bbh/date_understanding``),
-        or one named after the task; each gets the demonstrations of its subtask."""
-        from dataselect.evaluation import Benchmark
-
-        subtasks: dict[str, list[Example]] = {}
-        for ex in self.test:
-            subtasks.setdefault(ex.subtask, []).append(ex)
-        out = []
-        for sub, items in subtasks.items():
-            shots = [f for f in self.fewshot if f.subtask == sub]
-            if not shots and len(subtasks) == 1:
-                shots = list(self.fewshot)
-            name = self.name if len(subtasks) == 1 else f"{self.name}/{sub}"
-            out.append(Benchmark(name, items, self.answer_type, shots))
-        return out
-
 
 @dataclass
 class Target:

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dataselect.cache import content_key, write_json
+from dataselect.cache import digest, write_json
 from dataselect.data.formatting import ensure_chat_template
 from dataselect.evaluation.scoring import extract
 from dataselect.evaluation.tasks import (
@@ -117,7 +117,7 @@ def _definition(
 ) -> str:
     """A hash of everything that decides a benchmark's result besides the model: its items,
     few-shot demonstrations, answer type and generation settings (and the chat template)."""
-    return content_key(
+    return digest(
         {
             "format": RESULT_FORMAT,
             "name": bench.name,

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from dataselect.data.records import Example
+from dataselect.data.targets import Task
 from dataselect.evaluation.scoring import ANSWER_TYPES
 
 TASK_PREFIX = "dataselect_"
@@ -39,6 +40,22 @@ class Benchmark:
     @property
     def task_name(self) -> str:
         return TASK_PREFIX + "".join(c if c.isalnum() else "_" for c in self.name)
+
+
+def task_benchmarks(task: Task) -> list[Benchmark]:
+    """One lm-eval benchmark per subtask of a task's test items (``bbh/date_understanding``),
+    or one named after the task; each gets the demonstrations of its subtask."""
+    subtasks: dict[str, list[Example]] = {}
+    for ex in task.test:
+        subtasks.setdefault(ex.subtask, []).append(ex)
+    out = []
+    for sub, items in subtasks.items():
+        shots = [f for f in task.fewshot if f.subtask == sub]
+        if not shots and len(subtasks) == 1:
+            shots = list(task.fewshot)
+        name = task.name if len(subtasks) == 1 else f"{task.name}/{sub}"
+        out.append(Benchmark(name, items, task.answer_type, shots))
+    return out
 
 
 def select_items(examples: list[Example], limit: int | None, seed: int) -> list[Example]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dataselect.cache import content_key, try_lock
+from dataselect.cache import digest
 from dataselect.data.formatting import Tokenized
 from dataselect.features.gradients import (
     eps_dominance,
@@ -33,6 +33,7 @@ from dataselect.features.gradients import (
 )
 from dataselect.features.sketch import Sketch, SketchSpec
 from dataselect.features.store import GradientStore, StoreWriter
+from dataselect.locking import try_lock
 from dataselect.training.checkpoint import load_optimizer_state
 from dataselect.training.data import collate
 
@@ -135,6 +136,26 @@ def gradient_batches(
             advance(len(chunk))
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How a gradient pass walks its examples: at most ``batch_size`` examples and
+    ``max_tokens`` padded tokens (batch x longest) a backward pass, ``method`` batched (one
+    backward per batch) | loop (one per example), ``shard_size`` examples a store shard (the
+    unit of resumption). Read once from the ``features`` config (``of``)."""
+
+    batch_size: int = 8
+    method: str = "batched"
+    max_tokens: int | None = None
+    shard_size: int = 1024
+
+    @classmethod
+    def of(cls, fc) -> Batching:
+        return cls(int(fc.batch_size), str(fc.method), fc.max_batch_tokens, int(fc.shard_size))
+
+
+DEFAULT_BATCHING = Batching()
+
+
 @dataclass
 class FeaturizeJob:
     """Everything a worker needs to compute shards of one store, minus the model (a worker
@@ -150,17 +171,15 @@ class FeaturizeJob:
     gradient_type: str
     checkpoint: Path | None
     pad_id: int
-    batch_size: int = 8
-    method: str = "batched"
+    batching: Batching = DEFAULT_BATCHING
     adam_form: str = "less"
     dtype: str = "float16"
-    shard_size: int = 1024
-    max_tokens: int | None = None
     trace: Path | None = None  # tests/drills: each worker appends "pid shard" lines here
 
     def shard_rows(self, i: int) -> range:
         """The store rows of shard ``i`` (as ``StoreWriter.shard_rows``)."""
-        return range(i * self.shard_size, min((i + 1) * self.shard_size, self.n_total))
+        size = self.batching.shard_size
+        return range(i * size, min((i + 1) * size, self.n_total))
 
     def writer(self, tidy: bool = True) -> StoreWriter:
         return StoreWriter(
@@ -169,7 +188,7 @@ class FeaturizeJob:
             self.n_total,
             self.meta_spec,
             dtype=self.dtype,
-            shard_size=self.shard_size,
+            shard_size=self.batching.shard_size,
             tidy=tidy,
         )
 
@@ -215,8 +234,8 @@ def shard_features(model, todo, job: FeaturizeJob, projector, adam, meta, advanc
     """(ids, features, n_tokens, grad_norms, extra) of one shard's examples, batch by batch."""
     feats, norms, extra = [], [], {"eps_share": []} if adam is not None else None
     batches = gradient_batches(
-        model, todo, job.pad_id, job.batch_size, job.method, job.gradient_type, adam, meta,
-        job.adam_form, job.max_tokens, advance,
+        model, todo, job.pad_id, job.batching.batch_size, job.batching.method, job.gradient_type,
+        adam, meta, job.adam_form, job.batching.max_tokens, advance,
     )  # fmt: skip
     for _, g, f in batches:
         feats.append(projector.project(f).cpu().numpy())
@@ -237,16 +256,13 @@ def featurize_job(
     spec: dict[str, Any],
     checkpoint: Path | None,
     pad_id: int,
-    batch_size: int = 8,
-    method: str = "batched",
+    batching: Batching = DEFAULT_BATCHING,
     adam_form: str = "less",
     dtype: str = "float16",
-    shard_size: int = 1024,
-    max_tokens: int | None = None,
 ) -> FeaturizeJob:
     """The job that fills a store at ``out`` with the features of ``examples``."""
     names = [n for n, _ in lora_parameters(model)]
-    layout = {"dim": sketch.dim_in, "params": content_key(names)}  # which gradient coordinates
+    layout = {"dim": sketch.dim_in, "params": digest(names)}  # which gradient coordinates
     meta_spec = {
         **spec,
         "sketch": sketch.to_dict(),
@@ -264,12 +280,9 @@ def featurize_job(
         gradient_type=gradient_type,
         checkpoint=checkpoint,
         pad_id=pad_id,
-        batch_size=batch_size,
-        method=method,
+        batching=batching,
         adam_form=adam_form,
         dtype=dtype,
-        shard_size=shard_size,
-        max_tokens=max_tokens,
     )
 
 

@@ -1,4 +1,4 @@
-"""Full-D gradient passes for exact subspace methods (GIST), never holding more than a batch.
+"""Full-D gradient passes for exact subspace methods, never holding more than a batch.
 
 ``full_gradients`` writes N x D validation gradients to a memory-mapped .npy (N is small: the
 validation set). ``project_pool`` streams the pool once: per batch, B x D gradients, then
@@ -15,6 +15,8 @@ import torch
 
 from dataselect.data.formatting import Tokenized
 from dataselect.features.featurize import (
+    DEFAULT_BATCHING,
+    Batching,
     gradient_batches,
     length_order,
     progress,
@@ -30,9 +32,7 @@ def full_gradients(
     examples: list[Tokenized],
     out: Path,
     pad_id: int,
-    batch_size: int = 8,
-    method: str = "batched",
-    max_tokens: int | None = None,
+    batching: Batching = DEFAULT_BATCHING,
 ) -> np.ndarray:
     """SGD gradients (N x D, float32) of ``examples`` in the given order, as an .npy memmap."""
     device = next(model.parameters()).device
@@ -40,9 +40,9 @@ def full_gradients(
         out, mode="w+", dtype=np.float32, shape=(len(examples), grad_dim(model))
     )
     s = 0
-    for chunk in token_batches(examples, batch_size, max_tokens):
+    for chunk in token_batches(examples, batching.batch_size, batching.max_tokens):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        G[s : s + len(chunk)] = per_example_grads(model, batch, method).cpu().numpy()
+        G[s : s + len(chunk)] = per_example_grads(model, batch, batching.method).cpu().numpy()
         s += len(chunk)
     G.flush()
     return G
@@ -59,10 +59,7 @@ def project_pool(
     gradient_type: str = "sgd",
     adam=None,
     adam_meta: dict | None = None,
-    batch_size: int = 8,
-    method: str = "batched",
-    shard_size: int = 1024,
-    max_tokens: int | None = None,
+    batching: Batching = DEFAULT_BATCHING,
 ) -> GradientStore:
     """One pass: coordinates P^T g (k floats per example) and |g| into a store at ``out``."""
     device = next(model.parameters()).device
@@ -74,16 +71,16 @@ def project_pool(
         len(ordered),
         {**spec, "gradient_type": gradient_type},
         dtype="float32",
-        shard_size=shard_size,
+        shard_size=batching.shard_size,
     )
     shards = writer.pending_shards()
     rows = sum(len(writer.shard_rows(i)) for i in shards)
-    with progress(f"GIST pass ({gradient_type})", rows) as advance:
+    with progress(f"subspace pass ({gradient_type})", rows) as advance:
         for i in shards:  # batches within a shard: its bytes do not depend on resumes
             todo = [ordered[r] for r in writer.shard_rows(i)]
             batches = gradient_batches(
-                model, todo, pad_id, batch_size, method, gradient_type, adam, adam_meta,
-                max_tokens=max_tokens, advance=advance,
+                model, todo, pad_id, batching.batch_size, batching.method, gradient_type, adam,
+                adam_meta, max_tokens=batching.max_tokens, advance=advance,
             )  # fmt: skip
             coords, norms = [], []
             for _, _, f in batches:  # |f|, not |g|: the energy share is of what is projected

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from dataselect.cache import _fsync_dir, try_lock
+from dataselect.cache import fsync_dir
+from dataselect.locking import try_lock
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class StoreWriter:
         self._done = self._scan(resumed, tidy)
         if not resumed:
             _write_file(meta_path, json.dumps(self.meta, indent=2, sort_keys=True).encode())
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
 
     def _scan(self, trusted: bool, tidy: bool) -> int:
         """Note the complete shards (all kept); with ``tidy`` delete every other shard file.
@@ -192,7 +193,7 @@ class StoreWriter:
         return range(i * self.shard_size, min((i + 1) * self.shard_size, self.n_total))
 
     def shard_lock(self, i: int) -> Path:
-        """The lock a process holds while it computes shard ``i`` (``cache.try_lock``)."""
+        """The lock a process holds while it computes shard ``i`` (``locking.try_lock``)."""
         return self.path / f".shard_{i:05d}.lock"
 
     def is_complete(self, i: int) -> bool:
@@ -314,7 +315,7 @@ class StoreWriter:
             os.replace(_tmp(npy), npy)
             _write_file(js, _dumps(info))
             _write_file(marker, _dumps({"rows": info["rows"]}))
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except BaseException as err:  # disk full, kill signal as exception, ...: leave no trace
             for f in (marker, js, npy, _tmp(marker), _tmp(js), _tmp(npy)):
                 f.unlink(missing_ok=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataselect.selectors.gist import effective_rank
+from dataselect.selectors.gist_subspace import effective_rank
 
 
 def _rank_for(share: np.ndarray, level: float) -> int:

@@ -7,10 +7,13 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
 
 from dataselect.data.records import Example
 from dataselect.data.targets import Target
+from dataselect.features.request import FeatureRequest
 
 
 class BudgetError(ValueError):
@@ -70,27 +73,39 @@ class Selection:
         return cls([r["id"] for r in rows], [r["score"] for r in rows], diagnostics or {})
 
 
+def subtask_groups(validation: list[Example]) -> tuple[list[str], list[np.ndarray]]:
+    """Subtask names (first-seen order) and the validation positions of each."""
+    names: list[str] = []
+    for ex in validation:
+        if ex.subtask not in names:
+            names.append(ex.subtask)
+    labels = np.array([names.index(ex.subtask) for ex in validation])
+    return names, [np.flatnonzero(labels == k) for k in range(len(names))]
+
+
 def composition(chosen: list[Example]) -> dict[str, int]:
     """How many chosen examples come from each source: the first thing to look at."""
     return dict(Counter(e.source for e in chosen).most_common())
 
 
-class Selector(ABC):
-    """Subclasses read like their paper's algorithm box; knobs arrive as constructor kwargs."""
+F = TypeVar("F")
+
+
+class Selector(ABC, Generic[F]):
+    """Subclasses read like their paper's algorithm box; knobs arrive as constructor kwargs.
+
+    ``request`` declares the features the selector needs (a ``FeatureRequest`` whose build
+    returns an ``F``, or None); the framework builds, caches, resumes and prices it, and
+    ``select`` receives what it built."""
 
     name: ClassVar[str]
-    needs_features: ClassVar[bool] = False  # True: the pipeline runs the features stage first
 
-    def feature_overrides(self) -> dict[str, Any]:
-        """Changes to the ``features`` config this selector needs (e.g. SGD, one checkpoint)."""
-        return {}
-
-    def needs_pool_pass(self) -> bool:
-        """True: a per-target pass over the pool (exact GIST) instead of the shared store."""
-        return False
+    def request(self) -> FeatureRequest[F] | None:
+        """The features to compute before selecting (None: none)."""
+        return None
 
     @abstractmethod
     def select(
-        self, pool: list[Example], target: Target, budget: int, seed: int, features: Any = None
+        self, pool: list[Example], target: Target, budget: int, seed: int, features: F | None = None
     ) -> Selection:
         """Choose ``budget`` examples of ``pool`` for ``target``."""

@@ -28,15 +28,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from dataselect.cache import materialize
 from dataselect.data.records import Example
 from dataselect.data.targets import Target
+from dataselect.features.stores import FeatureSet, GradientStores
 from dataselect.selectors.base import Selection, Selector, composition
-from dataselect.selectors.features import FeatureSet
 from dataselect.selectors.graph import NeighbourLists, knn_graph, unit_rows
 from dataselect.selectors.ranking import canonical_dot, dot_tolerance, rank_by_dot, tree_sum
 
@@ -285,9 +284,8 @@ def cached_graph(store, X: np.ndarray, k: int, block: int) -> np.ndarray:
     return np.load(path / "indices.npy")
 
 
-class G2ISSelector(Selector):
+class G2ISSelector(Selector[FeatureSet]):
     name = "g2is"
-    needs_features = True
 
     def __init__(
         self,
@@ -326,13 +324,11 @@ class G2ISSelector(Selector):
         )
         self.conflict_rule, self.consistency_rule = conflict_rule, consistency_rule
 
-    def feature_overrides(self) -> dict[str, Any]:
+    def request(self) -> GradientStores:
         """LESS's Adam features; one warmup epoch if ``checkpoint`` is set (else all are built,
         the shared LESS store, and the last one is used)."""
-        out: dict[str, Any] = {"gradient_type": "adam"}
-        if self.checkpoint is not None:
-            out["checkpoints"] = [int(self.checkpoint)]
-        return out
+        ckpts = None if self.checkpoint is None else (int(self.checkpoint),)
+        return GradientStores("adam", ckpts)
 
     def _checkpoint(self, features: FeatureSet):
         if not features.checkpoints:
@@ -347,7 +343,12 @@ class G2ISSelector(Selector):
         raise ValueError(f"g2is: no checkpoint {name} in the features ({have})")
 
     def select(
-        self, pool: list[Example], target: Target, budget: int, seed: int, features: Any = None
+        self,
+        pool: list[Example],
+        target: Target,
+        budget: int,
+        seed: int,
+        features: FeatureSet | None = None,
     ) -> Selection:
         if not isinstance(features, FeatureSet):
             raise ValueError("g2is needs gradient features (the pipeline's features stage)")

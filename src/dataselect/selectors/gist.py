@@ -20,15 +20,21 @@ subspace, which the plain cosine ignores.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from dataselect.data.records import Example
 from dataselect.data.targets import Target
-from dataselect.selectors.base import Selection, Selector, composition
-from dataselect.selectors.features import FeatureSet, subtask_groups
+from dataselect.features.request import FeatureRequest
+from dataselect.features.stores import FeatureSet, GradientStores
+from dataselect.selectors.base import Selection, Selector, composition, subtask_groups
+from dataselect.selectors.gist_pass import GISTPass
+from dataselect.selectors.gist_subspace import (
+    GISTCoords,
+    effective_rank,
+    gist_scores,
+    task_subspace,
+)
 from dataselect.selectors.ranking import (
     CANONICAL,
     FAST,
@@ -39,98 +45,8 @@ from dataselect.selectors.ranking import (
 )
 
 
-@dataclass
-class Subspace:
-    """The task subspace of validation gradients G (N x D)."""
-
-    P: np.ndarray  # (D, k) orthonormal columns: top-k right singular vectors of G
-    val_coords: np.ndarray  # (N, k) = U_k S_k = G P
-    eigvals: np.ndarray  # (N,) eigenvalues of G G^T, descending (squared singular values)
-
-    @property
-    def k(self) -> int:
-        return self.P.shape[1]
-
-
-def choose_rank(eigvals: np.ndarray, k: int | None, variance: float | None) -> int:
-    """k fixed (capped at the numerical rank) or the fewest components explaining ``variance``."""
-    lam = np.clip(eigvals, 0.0, None)
-    rank = int((lam > lam[0] * 1e-10).sum()) if lam[0] > 0 else 0
-    if rank == 0:
-        raise ValueError("gist: the validation gradients are all zero")
-    if variance is not None:
-        if not 0.0 < variance <= 1.0:
-            raise ValueError(f"gist: variance must be in (0, 1], got {variance}")
-        share = np.cumsum(lam) / lam.sum()
-        return min(int(np.searchsorted(share, variance - 1e-12) + 1), rank)
-    if k is None or k < 1:
-        raise ValueError(f"gist: k must be >= 1, got {k}")
-    return min(k, rank)
-
-
-def gram_eig(G: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending) and eigenvectors of G G^T (N x N, float64), G read in D-chunks."""
-    n, d = G.shape
-    gram = np.zeros((n, n), dtype=np.float64)
-    for s in range(0, d, chunk):
-        block = np.asarray(G[:, s : s + chunk], dtype=np.float64)
-        gram += block @ block.T
-    lam, U = np.linalg.eigh(gram)
-    return lam[::-1].copy(), U[:, ::-1].copy()
-
-
-def task_subspace(
-    G: np.ndarray, k: int | None = 150, variance: float | None = None, chunk: int = 65536
-) -> Subspace:
-    """Top-k right singular subspace of G through the N x N Gram matrix, in D-chunks.
-
-    Memory: the Gram is N x N (float64); P is built ``chunk`` rows of D at a time, so nothing
-    D x D and no second copy of G is ever formed. G may be a memory-mapped array.
-    """
-    d = G.shape[1]
-    lam, U = gram_eig(G, chunk)
-    r = choose_rank(lam, k, variance)
-    S = np.sqrt(lam[:r])
-    P = np.empty((d, r), dtype=np.float32)
-    for s in range(0, d, chunk):  # P = G^T U_k S_k^-1, chunk by chunk of D
-        block = np.asarray(G[:, s : s + chunk], dtype=np.float64)
-        P[s : s + chunk] = (block.T @ U[:, :r]) / S
-    return Subspace(P=P, val_coords=U[:, :r] * S, eigvals=np.clip(lam, 0.0, None))
-
-
-def effective_rank(eigvals: np.ndarray) -> float:
-    """exp(entropy) of the normalized spectrum (Roy & Vetterli): 1 = one direction."""
-    p = np.clip(eigvals, 0.0, None)
-    p = p[p > 0] / p.sum()
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
-def gist_scores(
-    train_coords: np.ndarray,
-    val_coords: np.ndarray,
-    groups: list[np.ndarray],
-    energy: np.ndarray | None = None,
-    ar: Arithmetic = FAST,
-) -> np.ndarray:
-    """(n_pool, n_subtasks) cosines with each subtask's mean validation coordinates."""
-    centers = ar.normalize(np.stack([ar.mean(val_coords[g], axis=0) for g in groups]))
-    cos = ar.dot(ar.normalize(train_coords), centers)
-    return cos * energy[:, None] if energy is not None else cos
-
-
-@dataclass
-class GISTCoords:
-    """What exact GIST needs from the pipeline: the subspace and the pool's coordinates."""
-
-    subspace: Subspace
-    ids: list[str]  # pool ids, in the order of ``coords``
-    coords: np.ndarray  # (n_pool, k) = P^T g
-    grad_norms: np.ndarray  # (n_pool,) |g|, for the energy weighting
-
-
-class GISTSelector(Selector):
+class GISTSelector(Selector[GISTCoords | FeatureSet]):
     name = "gist"
-    needs_features = True
 
     def __init__(
         self,
@@ -147,12 +63,13 @@ class GISTSelector(Selector):
         self.checkpoint, self.energy_weight = checkpoint, energy_weight
         self.train_gradient = train_gradient
 
-    def needs_pool_pass(self) -> bool:
-        return self.space == "exact"
-
-    def feature_overrides(self) -> dict[str, Any]:
-        """One checkpoint; pool gradients of ``train_gradient`` type (SGD, as in GIST)."""
-        return {"checkpoints": [self.checkpoint], "gradient_type": self.train_gradient}
+    def request(self) -> FeatureRequest:
+        """Exact: full-D validation gradients and a pass over the pool in their subspace.
+        Sketch: the shared stores at one checkpoint, pool gradients of ``train_gradient``
+        type (SGD, as in GIST)."""
+        if self.space == "exact":
+            return GISTPass(self.checkpoint, self.k, self.variance, self.train_gradient)
+        return GradientStores(self.train_gradient, (int(self.checkpoint),))
 
     def _from_sketch(self, pool: list[Example], target: Target, features: FeatureSet):
         """The subspace of the sketched validation gradients, the pool's coordinates and
@@ -175,7 +92,12 @@ class GISTSelector(Selector):
         return sub, np.concatenate(coords), np.concatenate(norms), exact
 
     def select(
-        self, pool: list[Example], target: Target, budget: int, seed: int, features: Any = None
+        self,
+        pool: list[Example],
+        target: Target,
+        budget: int,
+        seed: int,
+        features: GISTCoords | FeatureSet | None = None,
     ) -> Selection:
         if self.space == "exact":
             if not isinstance(features, GISTCoords):

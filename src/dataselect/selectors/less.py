@@ -16,14 +16,13 @@ gradients.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import numpy as np
 
 from dataselect.data.records import Example
 from dataselect.data.targets import Target
-from dataselect.selectors.base import Selection, Selector, composition
-from dataselect.selectors.features import FeatureSet, subtask_groups
+from dataselect.features.stores import FeatureSet, GradientStores
+from dataselect.selectors.base import Selection, Selector, composition, subtask_groups
 from dataselect.selectors.ranking import CANONICAL, FAST, Arithmetic, dot_tolerance, top_k
 
 
@@ -49,14 +48,17 @@ def less_scores(
     return out
 
 
-class LESSSelector(Selector):
+class LESSSelector(Selector[FeatureSet]):
     name = "less"
-    needs_features = True
 
     def __init__(self, variant: str = "code", block_rows: int = 8192):
         if variant not in ("code", "paper"):
             raise ValueError(f"less: variant must be 'code' or 'paper', got {variant!r}")
         self.variant, self.block_rows = variant, block_rows
+
+    def request(self) -> GradientStores:
+        """The shared stores as the ``features`` config sets them (LESS: Adam, every epoch)."""
+        return GradientStores()
 
     def subtask_scores(self, pool: list[Example], target: Target, features: FeatureSet):
         """(n_pool, n_subtasks) checkpoint-weighted cosine scores, the subtask names, and
@@ -81,7 +83,12 @@ class LESSSelector(Selector):
         return out, names, lambda positions: scores(positions, CANONICAL).max(axis=1)
 
     def select(
-        self, pool: list[Example], target: Target, budget: int, seed: int, features: Any = None
+        self,
+        pool: list[Example],
+        target: Target,
+        budget: int,
+        seed: int,
+        features: FeatureSet | None = None,
     ) -> Selection:
         if not isinstance(features, FeatureSet):
             raise ValueError("less needs gradient features (the pipeline's features stage)")

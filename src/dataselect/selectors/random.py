@@ -13,11 +13,11 @@ from dataselect.data.targets import Target
 from dataselect.selectors.base import Selection, Selector, composition
 
 
-class RandomSelector(Selector):
+class RandomSelector(Selector[None]):
     name = "random"
 
     def select(
-        self, pool: list[Example], target: Target, budget: int, seed: int, features=None
+        self, pool: list[Example], target: Target, budget: int, seed: int, features: None = None
     ) -> Selection:
         gen = torch.Generator().manual_seed(seed)
         scores = torch.rand(len(pool), generator=gen, dtype=torch.float64)

@@ -13,6 +13,7 @@ so a kill is a real SIGKILL: no ``finally`` runs, no buffer is flushed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,12 +22,12 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("warmup", "features", "features_val", "select", "finetune", "evaluate")
 # Files whose bytes record how or when an artifact was made, not what it holds.
 VOLATILE = {"COMPLETE", "train_log.json"}
 VOLATILE_DIRS = {"lm_eval", "lm_eval_tasks", "csv", "wandb", "lightning_logs"}
@@ -103,6 +104,7 @@ class Workspace:
         out.mkdir(parents=True, exist_ok=True)
         log = out / "run.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+        env["DATASELECT_OUTPUTS"] = str(out / "hydra")  # Hydra's run dir: not the checkout
         cmd = [sys.executable, "-m", "dataselect", *self.overrides(cache, out, *extra)]
         with open(log, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -123,6 +125,32 @@ class Workspace:
         return cache
 
 
+@functools.cache
+def cache_stages() -> tuple[str, ...]:
+    """The cache folders the drills' run writes, in graph order: read off the dry run of the
+    same config (the stage graph is declared once, in ``dataselect.stages``)."""
+    from hydra import compose, initialize_config_dir
+
+    from dataselect import plan
+    from dataselect.config import CONF_DIR
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"),
+    ):
+        paths = [f"paths.cache_dir={tmp}/c", f"paths.output_dir={tmp}/o"]
+        steps = plan.plan(compose("config", overrides=[*TINY, "model=tiny_random", *paths])).steps
+    return tuple(dict.fromkeys(s.stage for s in steps))
+
+
+def kill_stages() -> tuple[str, ...]:
+    """The graph's stages the kill drills interrupt: those with a unit of work to resume from
+    (``PROGRESS``); the others finish in well under a second."""
+    from dataselect.stages import STAGES
+
+    return tuple(s.name for s in STAGES if s.name in PROGRESS)
+
+
 def _count(run_dir: Path) -> int:
     return len(list(run_dir.glob("out*")))
 
@@ -140,7 +168,7 @@ def digest(cache: Path) -> dict[str, str]:
     """``stage/key/file`` -> sha256 for every result-bearing file of every complete artifact
     (timings, logs and lock files left out); partial work dirs are not artifacts."""
     out = {}
-    for stage in STAGES:
+    for stage in cache_stages():
         for art in sorted((cache / stage).glob("[!.]*")):
             for f in sorted(art.rglob("*")):
                 rel = f.relative_to(art)
@@ -164,13 +192,13 @@ def differences(a: dict[str, str], b: dict[str, str]) -> list[str]:
 
 def partial_stages(cache: Path) -> list[str]:
     """Stages with a work dir in progress (what a kill interrupts)."""
-    return [s for s in STAGES if any((cache / s).glob(".*.partial"))]
+    return [s for s in cache_stages() if any((cache / s).glob(".*.partial"))]
 
 
 def stage_seconds(cache: Path) -> dict[str, float]:
     """How long each stage took in a run (from the COMPLETE markers)."""
     out: dict[str, float] = {}
-    for stage in STAGES:
+    for stage in cache_stages():
         for marker in (cache / stage).glob("*/COMPLETE"):
             out[stage] = out.get(stage, 0.0) + json.loads(marker.read_text())["seconds"]
     return out
@@ -430,9 +458,9 @@ def foreign_store_drill(ws: Workspace, what: str) -> Drill:
 
 
 def bad_input_drills(ws: Workspace, entry: str = "pipeline") -> list[Drill]:
-    """Every case of the bad-input corpus (``dataselect.reliability.corpus``), through
+    """Every case of the bad-input corpus (``corpus.py`` beside this file), through
     ``run_pipeline`` itself: a clear error (file, line, field) or a counted skip."""
-    from dataselect.reliability import corpus
+    import corpus
 
     rows = []
     for case in corpus.CASES:

@@ -9,9 +9,10 @@ the case's *entry*, the public call a user's run goes through, stopping as early
 
 - ``load_pool``: ``load_pool(cfg.pool, paths.data_dir)``;
 - ``load_target``: ``load_target(cfg.target, paths.data_dir)``;
-- ``select``: load target and pool, then ``pipeline.run_select`` (decontamination, tokenizing
-  the candidates, ``resolve_budget``, the selector) without the warmup;
-- ``validation_tokens``: load the target, then ``features.stage.validation_tokens`` (what the
+- ``select``: load target and pool, then the graph's select stage (``stages.select_build``:
+  decontamination, tokenizing the candidates, ``resolve_budget``, the selector) without the
+  warmup;
+- ``validation_tokens``: load the target, then ``features.stores.validation_tokens`` (what the
   features stage of a gradient selector does first);
 - ``pipeline`` (``run_case(..., entry="pipeline")``, for drills): ``run_pipeline(cfg)``
   itself; the overrides stop at ``stage=select``, so at most the tiny warmup is trained.
@@ -34,39 +35,9 @@ At ``entry="pipeline"`` every case ends the same way: the pipeline counts the po
 records in ``metrics["sizes"]["skipped_malformed"]`` and resolves the budget against the
 tokenized pool before the warmup (an impossible budget costs no training).
 
-| # | case | outcome (``<dir>`` = the case's directory) |
-|---|---|---|
-| 1 | malformed_json | RecordError ``pool jsonl (pool.sources[0]): <dir>/pool.jsonl:3: invalid JSON: Expecting property name enclosed in double quotes (column 33)`` (a JSON error has no field: the column stands for it) |
-| 1 | malformed_json_skipped | skip: ``skipped_malformed`` = 1 (``on_error: skip``) |
-| 1 | non_utf8_line | RecordError ``... <dir>/pool.jsonl:2: not UTF-8 text (byte 16 of the line)`` |
-| 2 | missing_field | RecordError ``... <dir>/pool.jsonl:2: field 'output' is missing (instruction+output records need both); the record has fields ['id', 'instruction']`` |
-| 2 | missing_field_qa | RecordError ``... <dir>/pool.jsonl:3: field 'answer' is missing (question+answer records need both); ...`` |
-| 2 | null_field | RecordError ``... <dir>/pool.jsonl:2: field 'completion' must be a string, got NoneType`` |
-| 3 | empty_answer | RecordError ``... <dir>/pool.jsonl:3: record 'a3': field 'output' (the answer) is empty`` (empty or whitespace-only) |
-| 3 | empty_answer_chat | RecordError ``... <dir>/pool.jsonl:2: record 'c2': field 'messages[1].content' (the answer) is empty`` |
-| 3 | empty_answer_skipped | skip: ``skipped_malformed`` = 2; ids e1, e2 absent from the selection |
-| 4 | truncated_answer_pool | skip: ``dropped_no_answer_tokens`` = 1; id long1 absent from the selection (budget 1.0 = every candidate) |
-| 4 | truncated_answer_validation | ValueError ``target gsm_symbolic: 1 validation examples have no answer tokens within 1024 tokens (raise target.gsm_symbolic.max_length)`` |
-| 5 | duplicate_id_in_file | RecordError ``pool jsonl: duplicate id 'dup': <dir>/pool.jsonl:2 and <dir>/pool.jsonl:4 (fix the ids, or give one of the sources an id_prefix)`` |
-| 5 | duplicate_id_across_sources | RecordError ``pool jsonl: duplicate id 'x1': <dir>/a.jsonl:1 and <dir>/b.jsonl:2 (...)`` |
-| 6 | budget_over_pool | BudgetError ``budget 100 is larger than the pool (4 candidates); set budget to at most 4 or a fraction`` |
-| 6 | budget_zero | BudgetError ``budget count 0 must be at least 1 (the pool has 4 candidates)`` |
-| 6 | budget_negative | BudgetError ``budget count -3 must be at least 1 (the pool has 4 candidates)`` |
-| 6 | budget_fraction_zero | BudgetError ``budget fraction 0.0 must be in (0, 1] (the pool has 4 candidates)`` |
-| 6 | budget_fraction_over_one | BudgetError ``budget fraction 1.5 must be in (0, 1] (the pool has 4 candidates)`` |
-| 7 | empty_validation_file | RecordError ``target gsm_symbolic validation (target.gsm_symbolic.validation[0]): <dir>/val.jsonl: no records (the file is empty)`` |
-| 7 | validation_n_zero | RecordError ``target gsm_symbolic validation (target.gsm_symbolic.validation[0]): reasoning_gym/gsm_symbolic: field 'n' must be at least 1, got 0`` |
-| 7 | validation_no_sources | RecordError ``target gsm_symbolic: no validation sources; set target.gsm_symbolic.validation (...)`` |
-| 8 | empty_test_file | RecordError ``target gsm_symbolic test (target.gsm_symbolic.test[0]): <dir>/test.jsonl: no records (the file is empty)`` |
-| 8 | all_test_items_dropped | RecordError ``target gsm_symbolic: no test items: all 3 test items of <dir>/test.jsonl repeat a validation or few-shot prompt and were dropped (change target.gsm_symbolic.test or ...)`` |
-| 9 | missing_pool_file | FileNotFoundError ``pool jsonl (pool.sources[0]): data file not found: <dir>/missing.jsonl; fix the source's path (...) [config key to change: pool.sources[0].path]`` |
-| 9 | missing_relative_pool_file | FileNotFoundError ``... <dir>/pools/missing.jsonl; set paths.data_dir (or DATASELECT_DATA_DIR) ... [config key to change: pool.sources[0].path or paths.data_dir]`` |
-| 9 | missing_data_dir_file | FileNotFoundError ``target gsm8k validation (target.gsm8k.validation[0]): <dir>/data/gsm8k/train.jsonl not found (set paths.data_dir or DATASELECT_DATA_DIR) [config key to change: paths.data_dir]`` |
-| 10 | empty_pool_file | RecordError ``pool jsonl (pool.sources[0]): <dir>/pool.jsonl: no records (the file is empty)`` |
-| 10 | all_records_skipped | RecordError ``pool jsonl (pool.sources[0]): <dir>/pool.jsonl: all 3 records were skipped as malformed (on_error: skip); first reasons: ...`` |
-| 10 | no_pool_sources | RecordError ``pool jsonl: no sources; set pool.sources, e.g. ...`` |
-| 10 | no_candidates_left | BudgetError ``budget 2: the pool has no candidates left (after removing target overlap and examples with no answer tokens); nothing to select from`` |
-"""  # noqa: E501
+The table of the cases (class, name, input, entry, expected outcome) is generated from
+``CASES`` by ``cases_table()``; ``python experiments/reliability/corpus.py`` prints it.
+"""
 
 from __future__ import annotations
 
@@ -104,7 +75,7 @@ class Expect:
 @dataclass(frozen=True)
 class Case:
     name: str
-    number: int  # the bad-input class (1-10) of the module docstring's table
+    number: int  # the bad-input class (1-10), the first column of ``cases_table()``
     what: str
     write: Callable[[Path], list[str]]  # writes the bad files into a dir -> Hydra overrides
     expect: Expect
@@ -583,6 +554,37 @@ CASES: list[Case] = [
 BY_NAME = {c.name: c for c in CASES}
 
 
+def _cell(text: str) -> str:
+    """A Markdown table cell: ``|`` escaped, on one line."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _outcome(exp: Expect) -> str:
+    if exp.error is None:
+        out = f"skip: `{exp.skip}` = {exp.count}"
+        if exp.absent_ids:
+            ids = ", ".join(f"`{i}`" for i in exp.absent_ids)
+            out += f"; ids {ids} absent from the pool / the selection"
+        return out
+    out = f"{exp.error.__name__} matching `{exp.match}`"
+    if exp.names:
+        names = ", ".join(f"`{n.replace('{dir}', '<dir>')}`" for n in exp.names)
+        out += f"; the message names {names}"
+    return out
+
+
+def cases_table(cases: list[Case] | None = None) -> str:
+    """The cases (default: all of ``CASES``) as a Markdown table, one row per case."""
+    lines = [
+        "| # | case | input | entry | outcome (`<dir>` = the case's directory) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in CASES if cases is None else cases:
+        cells = (str(c.number), c.name, c.what, f"`{c.entry}`", _outcome(c.expect))
+        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
+    return "\n".join(lines)
+
+
 # ---- running a case ----------------------------------------------------------------------
 
 
@@ -622,7 +624,7 @@ def run_case(
     if entry == "load_target":
         target = load_target(cfg.target, data_dir)
         return Outcome(dict(target.stats), {e.id for e in target.validation + target.test})
-    from dataselect.pipeline import Run
+    from dataselect.context import RunContext
 
     if entry == "pipeline":
         from dataselect.pipeline import run_pipeline
@@ -634,21 +636,21 @@ def run_case(
         )
         return Outcome(dict(metrics.get("sizes", {})), ids)
     target = load_target(cfg.target, data_dir)
-    run = Run(cfg)
+    ctx = RunContext(cfg)
     if entry == "validation_tokens":
-        from dataselect.features.stage import validation_tokens
+        from dataselect.features.stores import validation_tokens
 
-        toks = validation_tokens(run, target)
+        toks = validation_tokens(ctx, target)
         return Outcome({"validation": len(toks)}, {t.id for t in toks})
     from hydra.utils import instantiate
 
-    from dataselect.pipeline import run_select
-    from dataselect.selectors.base import Selection
+    from dataselect import stages
 
     pool = load_pool(cfg.pool, data_dir)
-    sel_dir = run_select(run, instantiate(cfg.selector), pool, target, None, None)
-    ids = Selection.read_jsonl(sel_dir / "selection.jsonl").ids
-    return Outcome({**run.sizes, "skipped_malformed": pool.n_skipped}, set(ids))
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = stages.RunInputs(pool, target, instantiate(cfg.selector))
+    got = stages.select_build(ctx, inputs, {"features": stages.StageResult(None)})
+    return Outcome({**got.sizes, "skipped_malformed": pool.n_skipped}, set(got.ids))
 
 
 def verify(
@@ -688,3 +690,7 @@ def _expected(case: Case) -> str:
     if exp.error is not None:
         return f"{exp.error.__name__} matching {exp.match!r}"
     return f"a counted skip {exp.skip}={exp.count}"
+
+
+if __name__ == "__main__":
+    print(cases_table())
