@@ -22,7 +22,7 @@ import numpy as np
 from dataselect.selectors.ranking import CANONICAL, dot_tolerance, rank_by_dot, tree_sum
 
 
-def unit_rows(X: np.ndarray, out: np.ndarray | None = None, block: int = 4096) -> np.ndarray:
+def unit_rows(X: np.ndarray, out: np.ndarray | None = None, block: int = 1024) -> np.ndarray:
     """Rows of ``X`` L2-normalized canonically, as float32 (zero rows stay zero; ``out=X``
     works in place): duplicates stay bitwise duplicates, whatever their position and kernel."""
     out = np.empty(X.shape, dtype=np.float32) if out is None else out

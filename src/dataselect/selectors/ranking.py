@@ -163,7 +163,7 @@ def rank_by_dot(
     x: np.ndarray,
     cand: np.ndarray | None = None,
     k: int | None = None,
-    block: int = 8192,
+    block: int = 1024,  # rows converted to float64 at a time: 1024 x 8192 x 8 B = 64 MiB
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``cand`` of ``Y`` (all if None; rows of norm <= 1) ranked by dot product with
     ``x``, canonically: the best ``k`` (all if None) as (row indices, float64 scores)."""
