@@ -90,6 +90,16 @@ class RunContext:
         return toks, stats
 
 
+def product(*xs) -> int | None:
+    """The product of the sizes ``xs`` (examples, dims, bytes), or None if any is unknown."""
+    out = 1
+    for x in xs:
+        if x is None:
+            return None
+        out *= int(x)
+    return out
+
+
 @dataclass(frozen=True)
 class Sizes:
     """What the dry run knows before anything runs (None: unknown)."""

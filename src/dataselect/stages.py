@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dataselect import models
 from dataselect.cache import COMPLETE, digest, write_json
-from dataselect.context import Artifact, Planned, RunContext, Sizes
+from dataselect.context import Artifact, Planned, RunContext, Sizes, product
 from dataselect.data.records import Example
 from dataselect.data.targets import Target, candidates, load_target
 from dataselect.features.request import FeatureInputs, Features
@@ -118,24 +118,15 @@ def train_on(
     train_lora(model, ctx.tokenizer, toks, train_cfg, cfg.trainer, work, seed, loggers)
 
 
-def _mul(*xs) -> int | None:
-    out = 1
-    for x in xs:
-        if x is None:
-            return None
-        out *= x
-    return int(out)
-
-
 # ---- warmup: LoRA on a random fraction of the pool, a checkpoint per epoch ----------------
 
 
 def warmup_estimate(cfg, selector, sizes: Sizes, up: Upstream, key) -> Estimate:
     epochs = int(cfg.warmup.epochs)
     n = max(1, round(cfg.warmup.fraction * sizes.pool)) if sizes.pool else None
-    state = _mul(sizes.grad_dim, TRAIN_STATE_BYTES, epochs)
+    state = product(sizes.grad_dim, TRAIN_STATE_BYTES, epochs)
     what = f"{n} x {epochs} epochs"
-    return Estimate(key, [Planned("warmup", what, key, _mul(n, epochs), state, "train")])
+    return Estimate(key, [Planned("warmup", what, key, product(n, epochs), state, "train")])
 
 
 def warmup_build(ctx: RunContext, inputs: RunInputs, up: Upstream) -> StageResult:
@@ -271,9 +262,9 @@ def finetune_key_of(cfg, selector: Selector, up: Upstream) -> str | None:
 def finetune_estimate(cfg, selector: Selector, sizes: Sizes, up: Upstream, key) -> Estimate:
     ids, epochs = up["select"].ids, int(cfg.finetune.epochs)
     n = len(ids) if ids is not None else sizes.budget
-    state = _mul(sizes.grad_dim, TRAIN_STATE_BYTES, epochs)
+    state = product(sizes.grad_dim, TRAIN_STATE_BYTES, epochs)
     what = f"{n} x {epochs} epochs"
-    return Estimate(key, [Planned("finetune", what, key, _mul(n, epochs), state, "train")])
+    return Estimate(key, [Planned("finetune", what, key, product(n, epochs), state, "train")])
 
 
 def finetune_build(ctx: RunContext, inputs: RunInputs, up: Upstream) -> StageResult:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dataselect import models
 from dataselect.cache import digest
-from dataselect.context import Planned, RunContext, Sizes
+from dataselect.context import Planned, RunContext, Sizes, product
 from dataselect.data.targets import Target
 from dataselect.features.distributed import ModelAt, featurize_array, featurize_ddp, make_executor
 from dataselect.features.featurize import Batching, eps_share, featurize_job, fill_store
@@ -190,7 +190,7 @@ class GradientStores(FeatureRequest[FeatureSet]):
         per = DTYPE_BYTES.get(fc.dtype, 4)
 
         def nbytes(n):
-            return None if None in (n, dim) else n * dim * per
+            return product(n, dim, per)
 
         out = []
         for c, pool_key, val_key in self._keys(cfg):

@@ -168,7 +168,8 @@ class _Component:
                 num = sk + C @ self.kv  # (sum_S g + g_z) . kv
                 n2 = sn2 + 2.0 * (C @ self.sum) + np.einsum("ij,ij->i", C, C)
                 new = _consistency(num, n2)
-                err = 2.0 * e * s1 * (1.0 / np.sqrt(np.maximum(n2, 1e-300)) + s1 / n2)
+                safe = np.maximum(n2, 1e-300)  # a zero norm is decided canonically below
+                err = 2.0 * e * s1 * (1.0 / np.sqrt(safe) + s1 / safe)
                 unsure = np.flatnonzero((np.abs(new - self.delta * old) <= err) | (n2 <= 1e-19))
                 if unsure.size:
                     Cu = C[unsure]

@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dataselect.cache import digest
-from dataselect.context import Planned, RunContext, Sizes
+from dataselect.context import Planned, RunContext, Sizes, product
 from dataselect.features.featurize import Batching
 from dataselect.features.gradients import flat_adam_state, lora_parameters
 from dataselect.features.project import full_gradients, project_pool
@@ -67,21 +67,20 @@ class GISTPass(FeatureRequest[GISTCoords]):
     def estimate(self, cfg: DictConfig, sizes: Sizes) -> list[Planned]:
         ckpt, n_val, d = f"epoch_{int(self.checkpoint)}", sizes.validation, sizes.grad_dim
 
-        def mul(*xs):
-            return None if None in xs else int(np.prod(xs, dtype=np.int64))
-
         out = []
         for c in checkpoint_names("all", int(cfg.warmup.epochs)):  # full-D grads at its
             key = self.keys(cfg, c)[1]  # checkpoint; the others' spectra only
             if c == ckpt:
                 what = f"validation, full D @ {c}"
-                out.append(Planned("gist_val", what, key, n_val, mul(n_val, d, 4), "featurize"))
+                out.append(Planned("gist_val", what, key, n_val, product(n_val, d, 4), "featurize"))
             else:
                 what = f"validation spectrum @ {c}"
-                out.append(Planned("gist_spectrum", what, key, n_val, mul(n_val, 8), "featurize"))
+                out.append(
+                    Planned("gist_spectrum", what, key, n_val, product(n_val, 8), "featurize")
+                )
         k = self.k if self.variance is None else n_val  # variance rule: k <= N
         what = f"pool @ {ckpt}, k={k}"
-        nbytes = mul(sizes.pool, k, 4)
+        nbytes = product(sizes.pool, k, 4)
         out.append(Planned("gist_pass", what, self.key(cfg), sizes.pool, nbytes, "featurize"))
         return out
 
