@@ -73,8 +73,7 @@ def first_run(tmp_path_factory):
 def test_all_stages_write_outputs(first_run):
     tmp, m = first_run
     out = tmp / "run0"
-    assert m["cache_hits"] == {
-        "warmup": False,
+    assert m["cache_hits"] == {  # random reads no warmup checkpoint: none is trained
         "select": False,
         "finetune": False,
         "evaluate": False,
@@ -88,9 +87,17 @@ def test_all_stages_write_outputs(first_run):
         assert r["n"] == 3 and 0.0 <= r["value"] <= 1.0
     assert saved["sizes"]["budget"] == 8 and saved["sizes"]["pool"] == 40
     assert (out / "results.md").read_text().count("gsm_symbolic") == 2
-    # 2 warmup epochs -> 2 checkpoints with name-keyed optimizer state
-    (warm,) = (tmp / "cache" / "warmup").glob("[!.]*")
+    assert not (tmp / "cache" / "warmup").exists()
+
+
+def test_warmup_is_trained_when_read_or_asked_for(tmp_path):
+    """A selector reading the warmup's checkpoints gets one (2 epochs -> 2 checkpoints with
+    name-keyed optimizer state); so does ``stage=warmup`` whatever the selector."""
+    m = run(tmp_path, "selector=perplexity", "selector.model=warmup", "stage=select")
+    assert m["cache_hits"] == {"warmup": False, "pool_loss": False, "select": False}
+    (warm,) = (tmp_path / "cache" / "warmup").glob("[!.]*")
     assert sorted(p.name for p in warm.glob("epoch_*")) == ["epoch_1", "epoch_2"]
+    assert run(tmp_path, "stage=warmup")["cache_hits"] == {"warmup": True}
 
 
 def test_rerun_hits_every_cache(first_run):
@@ -103,10 +110,10 @@ def test_rerun_hits_every_cache(first_run):
     ).read_text()
 
 
-def test_changing_budget_reuses_warmup_only(first_run):
+def test_changing_budget_reuses_everything_but_the_selection(first_run):
     tmp, _ = first_run
     m = run(tmp, "budget=5", "stage=select")
-    assert m["cache_hits"] == {"warmup": True, "select": False}
+    assert m["cache_hits"] == {"select": False}
     assert m["sizes"]["budget"] == 5 and "finetuned" not in m
 
 
@@ -119,8 +126,12 @@ def test_impossible_budget_fails_before_training(tmp_path):
 
 def test_cli_multirun_shares_warmup(tmp_path):
     """A real Hydra multirun of 2 budgets: one warmup, the second job hits it."""
-    hits = [m["cache_hits"] for m in multirun(tmp_path, "budget=4,6", "stage=select")]
-    assert hits == [{"warmup": False, "select": False}, {"warmup": True, "select": False}]
+    warm = ["selector=perplexity", "selector.model=warmup"]
+    hits = [m["cache_hits"] for m in multirun(tmp_path, *warm, "budget=4,6", "stage=select")]
+    assert hits == [
+        {"warmup": False, "pool_loss": False, "select": False},
+        {"warmup": True, "pool_loss": True, "select": False},
+    ]
     assert len(list((tmp_path / "cache" / "warmup").glob("[!.]*"))) == 1
 
 
@@ -245,7 +256,7 @@ def test_gist_exact_pays_a_pool_pass_per_target_and_sketch_does_not(tmp_path):
 def test_random_costs_no_pool_pass(first_run):
     _, m = first_run
     assert m["cost"]["pool_passes"] == 0 and m["cost"]["bytes_per_pool_example"] == 0
-    assert set(m["cost"]["stage_seconds"]) >= {"warmup", "select", "finetune", "evaluate"}
+    assert set(m["cost"]["stage_seconds"]) >= {"select", "finetune", "evaluate"}
 
 
 def test_gist_ablations_adam_features_and_variance_rule(tmp_path):

@@ -52,13 +52,14 @@ def with_audit(monkeypatch):
 
 
 def test_a_declared_stage_runs_and_is_priced_with_one_key(tmp_path, with_audit):
-    cfg = config(tmp_path, "selector=random", "stage=select")
+    # a selector whose features read the warmup (random's need none, and it trains no warmup)
+    cfg = config(tmp_path, "selector=perplexity", "selector.model=warmup", "stage=select")
     before = plan.plan(cfg).as_dict()["steps"]
-    assert [s["stage"] for s in before] == ["warmup", "audit", "select"]
+    assert [s["stage"] for s in before] == ["warmup", "audit", "pool_loss", "select"]
     assert before[1]["status"] == "to run" and before[1]["examples"] == 40
 
     m = run_pipeline(cfg)
-    assert m["cache_hits"] == {"warmup": False, "audit": False, "select": False}
+    assert m["cache_hits"] == {"warmup": False, "audit": False, "pool_loss": False, "select": False}
     assert m["sizes"]["audited"] == 1
     (built,) = (tmp_path / "cache" / "audit").glob("[!.]*")
     assert json.loads((built / "audit.json").read_text()) == {"warmup_examples": 8}

@@ -10,7 +10,12 @@ pool's gradient store are computed once and shared by every family, selector and
 new family costs only its 16 validation gradients.
 
     python experiments/planted/run_planted.py --families gsm_symbolic chain_sum gcd \
-        --selectors random less --seeds 0 1 2 -- [hydra overrides]
+        --selectors random less "rds selector.variant=rds" --seeds 0 1 2 -- [hydra overrides]
+
+A selector argument is an option name, optionally followed by its own overrides (one quoted
+argument); it is also the row's label. Each row records the selection's cost from the run's
+own ledger: seconds to build what it rests on from scratch (warmup, pool passes, target
+side, the selection), and bytes stored per pool example.
 """
 
 from __future__ import annotations
@@ -42,12 +47,14 @@ def family_overrides(family: str) -> list[str]:
 
 
 def run_one(family: str, selector: str, seed: int, extra: list[str], out: Path) -> dict:
+    name, *own = selector.split()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "config",
             overrides=[
                 "experiment=quickstart",
-                f"selector={selector}",
+                f"selector={name}",
+                *own,
                 *family_overrides(family),
                 "stage=select",
                 f"seed={seed}",
@@ -67,6 +74,8 @@ def run_one(family: str, selector: str, seed: int, extra: list[str], out: Path) 
     picked = [json.loads(x)["id"] for x in (out / "selection.jsonl").read_text().splitlines()]
     by_id = {e.id: e.source for e in cands}
     hits = sum(by_id[i] == source for i in picked)
+    cost = metrics["cost"]
+    built = cost["build_seconds"]
     return {
         "family": family,
         "selector": selector,
@@ -74,8 +83,13 @@ def run_one(family: str, selector: str, seed: int, extra: list[str], out: Path) 
         "budget": budget,
         "precision": hits / len(picked),
         "base_rate": budget / len(cands),
+        "picked": len(picked),
         "seconds": time.time() - t0,
         "cache_hits": metrics["cache_hits"],
+        # from scratch: what the selection rests on, whether this run built it or reused it
+        "setup_seconds": built.get("warmup", 0.0) + cost["pool_pass_seconds"],
+        "target_seconds": cost["target_seconds"] + built.get("select", 0.0),
+        "bytes_per_pool_example": cost["bytes_per_pool_example"],
     }
 
 

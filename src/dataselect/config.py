@@ -184,6 +184,7 @@ class RunConfig:
     stage: Stage = Stage.all
     dry_run: bool = False  # print the plan (stages, cache hits, estimated cost) and exit
     budget: Any = 0.05  # a fraction of the pool (float) or a count (int)
+    budget_rounding: str = "nearest"  # fraction -> count: nearest | floor (the authors' int(p N))
     seed: int = 0
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

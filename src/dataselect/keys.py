@@ -102,8 +102,13 @@ def features_keys(cfg: DictConfig, fc: DictConfig, checkpoint: str) -> tuple[str
 
 
 def select_key(cfg: DictConfig, features_key: str | None) -> str:
+    rounding = cfg.get("budget_rounding", "nearest")
+    # the default is left out of the key, so selections cached before the option existed stay
+    # valid; another rounding (a different count for the same fraction) gets its own key
+    extra = {} if rounding == "nearest" else {"budget_rounding": rounding}
     return artifact_key(
         {
+            **extra,
             "model": model_spec(cfg),
             "pool": pool_spec(cfg),
             "target": target_spec(cfg),

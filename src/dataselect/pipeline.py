@@ -22,7 +22,7 @@ from dataselect.cache import write_json
 from dataselect.context import Artifact, RunContext
 from dataselect.data.sources import load_pool
 from dataselect.data.targets import load_target
-from dataselect.selectors.base import Selector, resolve_budget
+from dataselect.selectors.base import Selector
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,6 @@ def hydra_choice(group: str) -> str | None:
         return HydraConfig.get().runtime.choices.get(group)
     except ValueError:  # not running under @hydra.main
         return None
-
-
-def stage_name(cfg: DictConfig) -> str:
-    return str(getattr(cfg.stage, "value", cfg.stage))
 
 
 def ledger(artifacts: list[Artifact]) -> dict[str, Any]:
@@ -58,6 +54,11 @@ def ledger(artifacts: list[Artifact]) -> dict[str, Any]:
         "pool_pass_seconds": sum(a.build_seconds for a in pool),
         "target_seconds": sum(a.build_seconds for a in target),
         "stage_seconds": dict(timings),
+        # what each artifact cost to build, cached or not: the cost of this selection from
+        # scratch (a warmup and pool passes are shared by every target that reuses them)
+        "build_seconds": {
+            stage: sum(a.build_seconds for a in artifacts if a.stage == stage) for stage in timings
+        },
     }
     return {"timings": timings, "cache_hits": hits, "cost": cost}
 
@@ -67,13 +68,13 @@ def run_pipeline(cfg: DictConfig, tracker=None) -> dict[str, Any]:
     t_start = time.time()
     ctx = RunContext(cfg, tracker)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    stages = graph.upto(graph.STAGES, stage_name(cfg))
+    stages = graph.upto(graph.STAGES, graph.stage_name(cfg))
     target = load_target(cfg.target, Path(cfg.paths.data_dir))
     pool = load_pool(cfg.pool, Path(cfg.paths.data_dir))
+    selector: Selector = instantiate(cfg.selector)
     if any(s.name == "select" for s in stages):  # an impossible budget fails now, not later
         _, fst = ctx.tokenize(pool, "pool")
-        resolve_budget(cfg.budget, fst.kept)
-    selector: Selector = instantiate(cfg.selector)
+        selector.budget(cfg.budget, fst.kept, cfg.budget_rounding)
     metrics: dict[str, Any] = {
         "selector": selector.name,
         "target": target.name,

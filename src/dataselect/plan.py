@@ -31,8 +31,7 @@ from dataselect import stages as graph
 from dataselect.cache import COMPLETE
 from dataselect.context import Sizes
 from dataselect.keys import model_spec
-from dataselect.pipeline import stage_name
-from dataselect.selectors.base import BudgetError, resolve_budget
+from dataselect.selectors.base import BudgetError
 
 CACHED, TO_RUN, DEPENDS = "cached", "to run", "depends on the selection"
 
@@ -273,7 +272,7 @@ def plan(cfg: DictConfig) -> Plan:
     """The stages ``cfg`` would run, with keys, cache status and estimated cost."""
     cache, data_dir = Path(cfg.paths.cache_dir), Path(cfg.paths.data_dir)
     selector = instantiate(cfg.selector)
-    stage = stage_name(cfg)
+    stage = graph.stage_name(cfg)
     stages = graph.upto(graph.STAGES, stage)
     notes: list[str] = []
     n_pool, pool_src = pool_size(cfg, data_dir)
@@ -287,7 +286,7 @@ def plan(cfg: DictConfig) -> Plan:
     budget = None
     if n_pool is not None:
         try:
-            budget = resolve_budget(cfg.budget, n_pool)
+            budget = selector.budget(cfg.budget, n_pool, cfg.budget_rounding)
         except BudgetError as e:
             notes.append(f"budget: {e}")
     sizes = {

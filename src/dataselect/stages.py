@@ -37,7 +37,7 @@ from dataselect.data.records import Example
 from dataselect.data.targets import Target, candidates, load_target
 from dataselect.features.request import FeatureInputs, Features
 from dataselect.keys import evaluate_key, finetune_key, select_key, warmup_key, warmup_seed
-from dataselect.selectors.base import Selection, Selector, resolve_budget
+from dataselect.selectors.base import Selection, Selector
 
 log = logging.getLogger("dataselect.pipeline")
 
@@ -88,6 +88,11 @@ class StageSpec:
     build: Callable[[RunContext, RunInputs, Upstream], StageResult]
 
 
+def stage_name(cfg: DictConfig) -> str:
+    """The last stage this run goes to (``stage=X``; all: every stage)."""
+    return str(getattr(cfg.stage, "value", cfg.stage))
+
+
 def upto(stages: list[StageSpec], stage: str) -> list[StageSpec]:
     """The stages ``stage=X`` runs: the graph's prefix ending at X (all: every stage)."""
     names = [s.name for s in stages]
@@ -121,7 +126,22 @@ def train_on(
 # ---- warmup: LoRA on a random fraction of the pool, a checkpoint per epoch ----------------
 
 
+def needs_warmup(cfg: DictConfig, selector: Selector) -> bool:
+    """A run trains a warmup when the selector's features are read at its checkpoints, or
+    when it is asked for (``stage=warmup``); random and the text / base-model baselines
+    otherwise skip it."""
+    request = selector.request()
+    wanted = request is not None and request.needs_warmup()
+    return wanted or stage_name(cfg) == "warmup"
+
+
+def warmup_key_of(cfg, selector: Selector, up: Upstream) -> str | None:
+    return warmup_key(cfg) if needs_warmup(cfg, selector) else None
+
+
 def warmup_estimate(cfg, selector, sizes: Sizes, up: Upstream, key) -> Estimate:
+    if key is None:
+        return Estimate(None)
     epochs = int(cfg.warmup.epochs)
     n = max(1, round(cfg.warmup.fraction * sizes.pool)) if sizes.pool else None
     state = product(sizes.grad_dim, TRAIN_STATE_BYTES, epochs)
@@ -131,6 +151,9 @@ def warmup_estimate(cfg, selector, sizes: Sizes, up: Upstream, key) -> Estimate:
 
 def warmup_build(ctx: RunContext, inputs: RunInputs, up: Upstream) -> StageResult:
     cfg, pool = ctx.cfg, inputs.pool
+    if not needs_warmup(cfg, inputs.selector):
+        log.info("warmup: selector %s reads no warmup checkpoint, skipped", inputs.selector.name)
+        return StageResult(None)
 
     def build(work: Path) -> None:
         n = max(1, round(cfg.warmup.fraction * len(pool)))
@@ -201,7 +224,7 @@ def select_build(ctx: RunContext, inputs: RunInputs, up: Upstream) -> StageResul
     toks, fstats = ctx.tokenize(cands, "candidates")
     trainable = {t.id for t in toks}
     cands = [e for e in cands if e.id in trainable]
-    budget = resolve_budget(cfg.budget, len(cands))
+    budget = selector.budget(cfg.budget, len(cands), cfg.budget_rounding)
     sizes = dict(
         pool=len(pool),
         candidates=len(cands),
@@ -365,7 +388,7 @@ def evaluate_build(ctx: RunContext, inputs: RunInputs, up: Upstream) -> StageRes
 
 
 STAGES: list[StageSpec] = [
-    StageSpec("warmup", (), lambda cfg, sel, up: warmup_key(cfg), warmup_estimate, warmup_build),
+    StageSpec("warmup", (), warmup_key_of, warmup_estimate, warmup_build),
     StageSpec("features", ("warmup",), features_key, features_estimate, features_build),
     StageSpec("select", ("features",), select_key_of, select_estimate, select_build),
     StageSpec("finetune", ("select",), finetune_key_of, finetune_estimate, finetune_build),

@@ -33,7 +33,8 @@ class FeatureInputs:
 
     pool: list[Example]
     target: Target
-    warmup_dir: Path  # the warmup artifact: one LoRA checkpoint per epoch
+    warmup_dir: Path | None  # the warmup artifact (one LoRA checkpoint per epoch); None when
+    # the request does not need one (``needs_warmup``)
 
 
 @dataclass
@@ -47,6 +48,11 @@ class Features(Generic[T]):
 
 class FeatureRequest(ABC, Generic[T]):
     """Subclasses are frozen dataclasses; see the module docstring."""
+
+    def needs_warmup(self) -> bool:
+        """Whether ``build`` reads the warmup's checkpoints (gradient features do; a request
+        on the base model or on text does not, and then the run trains no warmup)."""
+        return True
 
     @abstractmethod
     def key(self, cfg: DictConfig) -> str:

@@ -20,14 +20,21 @@ class BudgetError(ValueError):
     pass
 
 
-def resolve_budget(budget: float | int, pool_size: int) -> int:
+ROUNDINGS = ("nearest", "floor")
+
+
+def resolve_budget(budget: float | int, pool_size: int, rounding: str = "nearest") -> int:
     """A fraction in (0, 1] (a float: 0.05 = 5% of the pool) or a count (an int: 500).
 
-    A fraction rounds to the nearest count and never below one example. Every error states
+    A fraction becomes a count by ``rounding``: ``nearest`` (this project's default) or
+    ``floor``, the authors' ``int(p * N)`` (LESS, GIST and G2IS all truncate; the paper
+    presets set it), and never below one example. Every error states
     the budget and the pool size (the candidates left after decontamination and truncation),
     and says how to fix it; an empty candidate pool is an error, never an empty selection.
     """
     pool = f"the pool has {pool_size} candidates"
+    if rounding not in ROUNDINGS:
+        raise BudgetError(f"budget_rounding must be one of {ROUNDINGS}, got {rounding!r}")
     if isinstance(budget, bool) or not isinstance(budget, int | float):
         raise BudgetError(
             f"budget must be a fraction (0.05) or a count (500), got {budget!r} ({pool})"
@@ -42,7 +49,8 @@ def resolve_budget(budget: float | int, pool_size: int) -> int:
             count = budget > 1 and budget.is_integer()
             hint = f"; for a count write an integer (budget={int(budget)})" if count else ""
             raise BudgetError(f"budget fraction {budget} must be in (0, 1] ({pool}){hint}")
-        return max(1, round(budget * pool_size))
+        count = int(budget * pool_size) if rounding == "floor" else round(budget * pool_size)
+        return max(1, count)
     if budget < 1:
         raise BudgetError(f"budget count {budget} must be at least 1 ({pool})")
     if budget > pool_size:
@@ -103,6 +111,10 @@ class Selector(ABC, Generic[F]):
     def request(self) -> FeatureRequest[F] | None:
         """The features to compute before selecting (None: none)."""
         return None
+
+    def budget(self, requested: float | int, candidates: int, rounding: str = "nearest") -> int:
+        """How many to select of ``candidates`` (``full`` overrides: all of them)."""
+        return resolve_budget(requested, candidates, rounding)
 
     @abstractmethod
     def select(

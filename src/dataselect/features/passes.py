@@ -1,0 +1,193 @@
+"""The baselines' passes: one number or vector per example, cached like a gradient store.
+
+A baseline's pool side (per-example losses, hidden states, sentence embeddings, n-gram
+counts, a BM25 index) depends on the model and the pool only, so its artifact key leaves the
+target out: every target, budget and seed reuses it, and a new target costs only its
+validation side. ``table`` is that artifact for a per-example array (``ids.json`` +
+``values.npy``); ``lm_pass`` is the forward pass of the language model that fills one, batch
+by batch, longest first, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from dataselect import models
+from dataselect.context import Artifact, RunContext
+from dataselect.data.formatting import Tokenized
+from dataselect.data.records import Example
+from dataselect.features.featurize import length_order, progress, token_batches
+from dataselect.features.stores import CheckpointModels, pick_checkpoints
+from dataselect.keys import model_spec, warmup_key
+from dataselect.training.data import collate
+
+MODELS = ("base", "warmup")
+
+
+def example_text(ex: Example, part: str = "all") -> str:
+    """The example's plain text, turns joined by newlines: ``all`` of it, or its ``prompt``
+    (every turn before the final answer). Text baselines (BM25, DSIR, sentence embeddings)
+    read this, not the chat-formatted tokens."""
+    if part not in ("all", "prompt"):
+        raise ValueError(f"text part must be 'all' or 'prompt', got {part!r}")
+    turns = ex.messages[:-1] if part == "prompt" else ex.messages
+    return "\n".join(t["content"] for t in turns)
+
+
+@dataclass
+class Table:
+    """One row per example, addressed by id."""
+
+    ids: list[str]
+    values: np.ndarray
+
+    def rows(self, ids: list[str]) -> np.ndarray:
+        at = {i: r for r, i in enumerate(self.ids)}
+        missing = [i for i in ids if i not in at]
+        if missing:
+            raise KeyError(f"{len(missing)} examples have no row in this pass, e.g. {missing[:3]}")
+        return self.values[[at[i] for i in ids]]
+
+
+@dataclass
+class Paired:
+    """A representation of the pool and of the target's validation examples."""
+
+    pool: Table
+    validation: Table
+
+
+def table(
+    ctx: RunContext,
+    stage: str,
+    key: str,
+    ids: list[str],
+    compute: Callable[[], np.ndarray],
+    cost: str,
+    pool_size: int = 1,
+) -> tuple[Table, Artifact]:
+    """The cached table (stage, key): ``compute()`` returns one row per id, in order.
+
+    ``cost`` marks it in metrics.json: ``pool`` (a pass over the pool: its bytes are divided
+    by ``pool_size``) or ``target`` (the validation side)."""
+
+    def build(work: Path) -> None:
+        values = np.asarray(compute())
+        if len(values) != len(ids):
+            raise RuntimeError(f"{stage}: {len(values)} rows for {len(ids)} examples")
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            bad = [
+                ids[i] for i in np.flatnonzero(~np.isfinite(values.reshape(len(ids), -1)).all(1))
+            ]
+            raise FloatingPointError(f"{stage}: non-finite values for examples {bad[:5]}")
+        np.save(work / "values.npy", values)
+        (work / "ids.json").write_text(json.dumps(ids))
+
+    art = ctx.artifact(stage, key, build)
+    out = Table(json.loads((art.path / "ids.json").read_text()), np.load(art.path / "values.npy"))
+    nbytes = out.values.nbytes if cost == "pool" else 0
+    return out, art.costed(cost, nbytes, pool_size)
+
+
+# ---- the language model's forward pass ------------------------------------------------------
+
+
+def model_key(cfg: DictConfig, model: str, checkpoint: int | None) -> dict:
+    """What determines the model a pass runs: the base, or the base with a warmup adapter."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    spec = {"model": model_spec(cfg)}
+    if model == "warmup":
+        spec.update(warmup=warmup_key(cfg), checkpoint=checkpoint_name(cfg, checkpoint))
+    return spec
+
+
+def checkpoint_epoch(cfg: DictConfig, checkpoint: int | None) -> int:
+    """The warmup epoch a pass reads; null = the last one."""
+    return int(cfg.warmup.epochs) if checkpoint is None else int(checkpoint)
+
+
+def checkpoint_name(cfg: DictConfig, checkpoint: int | None) -> str:
+    return f"epoch_{checkpoint_epoch(cfg, checkpoint)}"
+
+
+def load_model(ctx: RunContext, model: str, checkpoint: int | None, warmup_dir: Path | None):
+    """The base model, or the base with the warmup's adapter at ``checkpoint``; eval mode."""
+    if model == "base":
+        m = models.load_base_model(ctx.cfg.model, ctx.cache_dir)
+    else:
+        if warmup_dir is None:
+            raise ValueError("model=warmup needs the warmup stage (its request says so)")
+        (ckpt,) = pick_checkpoints(warmup_dir, [checkpoint_epoch(ctx.cfg, checkpoint)])
+        m = CheckpointModels(ctx)(ckpt)
+    return m.eval()
+
+
+@torch.no_grad()
+def lm_pass(
+    model,
+    toks: list[Tokenized],
+    pad_id: int,
+    reduce: Callable[[object, dict[str, torch.Tensor]], torch.Tensor],
+    batch_size: int = 8,
+    max_tokens: int | None = 8192,
+    what: str = "forward pass",
+) -> np.ndarray:
+    """``reduce(outputs, batch)`` -> (B, ...) per batch of the model's forward pass (with
+    hidden states), rows returned in the order of ``toks``. Longest first, right-padded,
+    batches bounded by ``max_tokens`` padded tokens."""
+    device = next(model.parameters()).device
+    order = length_order(toks)
+    where = {t.id: i for i, t in enumerate(toks)}
+    rows: list[np.ndarray] = [None] * len(toks)  # type: ignore[list-item]
+    with progress(what, len(toks)) as advance:
+        for chunk in token_batches(order, batch_size, max_tokens):
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=True,
+            )
+            got = reduce(out, batch).float().cpu().numpy()
+            for t, r in zip(chunk, got, strict=True):
+                rows[where[t.id]] = r
+            advance(len(chunk))
+    return np.stack(rows) if rows else np.zeros((0,))
+
+
+def answer_loss(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy over each example's answer tokens (the training
+    loss of that example alone): log perplexity."""
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+    )
+    scored = (labels != -100).sum(1).clamp(min=1)
+    return nll.sum(1) / scored
+
+
+def last_token_state(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, H) the final layer's hidden state at each example's last token (LESS's RDS)."""
+    h = out.hidden_states[-1]
+    last = batch["attention_mask"].sum(1) - 1
+    return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+def weighted_mean_state(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, H) position-weighted mean of the final layer's hidden states (RDS+; SGPT's pooling):
+    token t (1-based) of an example of length L weighs t / (1 + ... + L). Padding weighs
+    nothing: the authors' code weighs the padded width too, which equals this for a batch of
+    one (or of equal lengths) and is an accident of batching otherwise."""
+    h = out.hidden_states[-1].float()
+    mask = batch["attention_mask"].float()
+    w = torch.cumsum(mask, dim=1) * mask  # 1, 2, ..., L on real tokens, 0 on padding
+    w = w / w.sum(1, keepdim=True)
+    return (h * w.unsqueeze(-1)).sum(1)

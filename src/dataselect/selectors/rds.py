@@ -1,0 +1,173 @@
+"""Representation similarity: the model's own hidden states as the example representation.
+
+RDS+ (Ivison et al., 2025, "Large-Scale Data Selection for Instruction Tuning";
+hamishivi/automated-instruction-selection), the baseline recent work finds hardest to beat:
+
+    e(x) = position-weighted mean of the final layer's hidden states over x's tokens
+           (token t of L weighs t / (1 + ... + L); SGPT's pooling), for the chat-formatted
+           example, prompt and answer
+    per target task T:  s_T(x) = max over validation examples v of T of cos(e(x), e(v))
+    round-robin over the target's tasks: each in turn adds its best example not yet taken
+    (one task: the global top-k by s_T)
+
+RDS as LESS used it (Xia et al., 2024, Table 2 "RDS"): e(x) = the final layer's hidden state
+at the last token, and LESS's matching: s(x) = max over subtasks of the mean over the
+subtask's validation examples of cos(e(x), e(v)).
+
+``model: base`` (default: RDS+ embeds with the model being trained, before training) or
+``warmup`` (the warmup LoRA at ``checkpoint``, like LESS's gradients). The pool's
+representations depend on the model and the pool only: one forward pass, cached and shared
+by every target; a new target costs its validation examples' forward pass.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from omegaconf import DictConfig
+
+from dataselect.context import Planned, RunContext, Sizes
+from dataselect.data.records import Example
+from dataselect.data.targets import Target
+from dataselect.features.passes import (
+    Paired,
+    checkpoint_name,
+    last_token_state,
+    lm_pass,
+    load_model,
+    model_key,
+    table,
+    weighted_mean_state,
+)
+from dataselect.features.request import FeatureInputs, FeatureRequest, Features
+from dataselect.features.stores import validation_tokens
+from dataselect.keys import artifact_key, pool_spec, validation_spec
+from dataselect.selectors.base import Selection, Selector, composition, subtask_groups
+from dataselect.selectors.similarity import round_robin, subtask_mean_max
+
+POOLINGS = {"weighted_mean": weighted_mean_state, "last_token": last_token_state}
+VARIANTS = {"rds_plus": "weighted_mean", "rds": "last_token"}
+
+
+@dataclass(frozen=True)
+class HiddenStates(FeatureRequest[Paired]):
+    pooling: str = "weighted_mean"  # weighted_mean (RDS+) | last_token (LESS's RDS)
+    model: str = "base"
+    checkpoint: int | None = None
+
+    def needs_warmup(self) -> bool:
+        return self.model == "warmup"
+
+    def keys(self, cfg: DictConfig) -> tuple[str, str]:
+        common = {"hidden": model_key(cfg, self.model, self.checkpoint), "pooling": self.pooling}
+        return (
+            artifact_key({**common, "pool": pool_spec(cfg)}),
+            artifact_key({**common, "validation": validation_spec(cfg)}),
+        )
+
+    def key(self, cfg: DictConfig) -> str:
+        return artifact_key({"rds": self.keys(cfg)})
+
+    def estimate(self, cfg: DictConfig, sizes: Sizes) -> list[Planned]:
+        pool, val = self.keys(cfg)
+        where = "base" if self.model == "base" else checkpoint_name(cfg, self.checkpoint)
+        what = f"hidden states ({self.pooling}) @ {where}"
+        return [
+            Planned("hidden_pool", f"pool {what}", pool, sizes.pool, None, "featurize"),
+            Planned("hidden_val", f"validation {what}", val, sizes.validation, None, "featurize"),
+        ]
+
+    def build(self, ctx: RunContext, inputs: FeatureInputs) -> Features[Paired]:
+        pool_key, val_key = self.keys(ctx.cfg)
+        fc, loaded = ctx.cfg.features, []
+
+        def states(toks, what):
+            def compute() -> np.ndarray:
+                if not loaded:
+                    loaded.append(load_model(ctx, self.model, self.checkpoint, inputs.warmup_dir))
+                return lm_pass(
+                    loaded[0],
+                    toks,
+                    ctx.tokenizer.pad_token_id,
+                    POOLINGS[self.pooling],
+                    batch_size=int(fc.batch_size),
+                    max_tokens=fc.get("max_tokens"),
+                    what=what,
+                ).astype(np.float32)
+
+            return compute
+
+        ptoks, _ = ctx.tokenize(inputs.pool, "pool")
+        vtoks = validation_tokens(ctx, inputs.target)
+        ptab, part = table(
+            ctx,
+            "hidden_pool",
+            pool_key,
+            [t.id for t in ptoks],
+            states(ptoks, "pool hidden states"),
+            "pool",
+            len(ptoks),
+        )
+        vtab, vart = table(
+            ctx,
+            "hidden_val",
+            val_key,
+            [t.id for t in vtoks],
+            states(vtoks, "validation hidden states"),
+            "target",
+        )
+        return Features(Paired(ptab, vtab), self.key(ctx.cfg), [part, vart])
+
+
+class RDSSelector(Selector[Paired]):
+    name = "rds"
+
+    def __init__(
+        self,
+        variant: str = "rds_plus",
+        pooling: str | None = None,
+        model: str = "base",
+        checkpoint: int | None = None,
+    ):
+        if variant not in VARIANTS:
+            raise ValueError(f"rds: variant must be one of {list(VARIANTS)}, got {variant!r}")
+        pooling = pooling or VARIANTS[variant]
+        if pooling not in POOLINGS:
+            raise ValueError(f"rds: pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        self.variant = variant
+        self.states = HiddenStates(pooling, model, checkpoint)
+
+    def request(self) -> HiddenStates:
+        return self.states
+
+    def select(
+        self,
+        pool: list[Example],
+        target: Target,
+        budget: int,
+        seed: int,
+        features: Paired | None = None,
+    ) -> Selection:
+        if features is None:
+            raise ValueError("rds needs hidden states (the pipeline's features stage)")
+        P = features.pool.rows([e.id for e in pool])
+        Q = features.validation.rows([e.id for e in target.validation])
+        diag = {"variant": self.variant, "pooling": self.states.pooling, "model": self.states.model}
+        if self.variant == "rds_plus":
+            ends = np.cumsum([0] + [len(t.validation) for t in target.tasks])
+            tasks = [np.arange(a, b) for a, b in zip(ends[:-1], ends[1:], strict=True)]
+            top, val, owner = round_robin(P, Q, tasks, budget)
+            names = [t.name for t in target.tasks]
+            diag["task_of_pick"] = dict(Counter(names[t] for t in owner).most_common())
+        else:
+            names, groups = subtask_groups(target.validation)
+            top, val, winner = subtask_mean_max(P, Q, groups, budget)
+            diag["subtask_of_max"] = dict(Counter(names[j] for j in winner).most_common())
+        chosen = [pool[i] for i in top]
+        return Selection(
+            ids=[e.id for e in chosen],
+            scores=val.tolist(),
+            diagnostics={"composition": composition(chosen), **diag},
+        )
