@@ -86,10 +86,12 @@ def test_perplexity_modes_on_known_losses():
 
 
 def test_answer_loss_is_the_mean_cross_entropy_of_the_answer_tokens():
-    logits = torch.randn(2, 4, 5)
+    h = torch.randn(2, 4, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    model = SimpleNamespace(get_output_embeddings=lambda: head)
     labels = torch.tensor([[-100, -100, 3, 1], [-100, 2, 4, -100]])
-    got = answer_loss(SimpleNamespace(logits=logits), {"labels": labels})
-    lp = torch.log_softmax(logits, -1)
+    got = answer_loss(h, {"labels": labels}, model)
+    lp = torch.log_softmax(head(h), -1)
     want0 = -(lp[0, 1, 3] + lp[0, 2, 1]) / 2  # position t predicts token t + 1
     want1 = -(lp[1, 0, 2] + lp[1, 1, 4]) / 2
     assert torch.allclose(got, torch.stack([want0, want1]), atol=1e-6)
@@ -101,12 +103,11 @@ def test_answer_loss_is_the_mean_cross_entropy_of_the_answer_tokens():
 def test_rds_plus_pooling_is_the_position_weighted_mean_over_real_tokens():
     h = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # the second is right-padded
-    out = SimpleNamespace(hidden_states=(None, h))
-    got = weighted_mean_state(out, {"attention_mask": mask})
+    got = weighted_mean_state(h, {"attention_mask": mask})
     want0 = (1 * h[0, 0] + 2 * h[0, 1] + 3 * h[0, 2] + 4 * h[0, 3]) / 10
     want1 = (1 * h[1, 0] + 2 * h[1, 1]) / 3  # padding weighs nothing
     assert torch.allclose(got, torch.stack([want0, want1]))
-    last = last_token_state(out, {"attention_mask": mask})
+    last = last_token_state(h, {"attention_mask": mask})
     assert torch.equal(last, torch.stack([h[0, 3], h[1, 1]]))
 
 
@@ -248,3 +249,40 @@ def test_length_and_full_run_without_a_model_pass(tmp_path):
     full = run(tmp_path, "selector=full", "stage=select")
     assert full["sizes"]["budget"] == full["sizes"]["candidates"] == 40
     assert full["diagnostics"]["full"] is True
+
+
+def test_lm_pass_matches_the_full_forward_with_and_without_lora(
+    tiny_model, tiny_tokenizer, toy_examples
+):
+    """The decoder-only pass (no vocabulary projection but at answer tokens) gives the model's
+    own per-example loss and final hidden states, padded in batches or not, LoRA or not."""
+    from dataselect import models
+    from dataselect.data.formatting import tokenize_examples
+    from dataselect.features.passes import lm_pass
+    from dataselect.training.data import collate
+
+    toks, _ = tokenize_examples(tiny_tokenizer, toy_examples, 64)
+    pad = tiny_tokenizer.pad_token_id
+
+    def check(model) -> np.ndarray:
+        loss = lm_pass(model, toks, pad, answer_loss, batch_size=5)
+        pooled = lm_pass(model, toks, pad, weighted_mean_state, batch_size=5)
+        for i in (0, 7):
+            one = collate([toks[i]], pad)
+            with torch.no_grad():
+                out = model(**one, output_hidden_states=True)
+            assert loss[i] == pytest.approx(float(out.loss), rel=1e-4)
+            h = out.hidden_states[-1][0]
+            w = torch.arange(1, h.shape[0] + 1, dtype=torch.float32)
+            want = (h * (w / w.sum())[:, None]).sum(0)
+            assert np.allclose(pooled[i], want.numpy(), atol=1e-5)
+        return loss
+
+    base_loss = check(tiny_model.eval())
+    lora = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    adapted = models.with_lora(tiny_model, lora, 0).eval()  # (the fixture is per test)
+    with torch.no_grad():  # a trained adapter: B != 0, so the LoRA path changes the output
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert not np.allclose(check(adapted), base_loss)  # the adapter was in the pass

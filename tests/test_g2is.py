@@ -257,6 +257,7 @@ def test_config_composes_and_instantiates():
     sel = instantiate(cfg.selector)
     assert isinstance(sel, G2ISSelector)
     assert (sel.graph, sel.fill, sel.delta, sel.checkpoint) == ("on_demand", "strict", 0.8, None)
+    assert (sel.orient, sel.normalize_validation) == ("mean", True)
 
 
 def test_pipeline_runs_g2is_on_the_tiny_model(tmp_path):
@@ -286,3 +287,64 @@ def test_ivf_approximate_graph_recalls_the_exact_neighbours():
     # sqrt(n) = 44 lists partition the rows; a query scores only its 8 nearest lists
     lists = approx.ivf.lists
     assert len(lists) == 44 and sorted(np.concatenate(lists).tolist()) == list(range(2000))
+
+
+def svd_flip_rows(Vt: np.ndarray) -> np.ndarray:
+    """sklearn >= 1.5's PCA sign rule, by hand: each row of Vt times the sign of its largest
+    |entry| (the first one on a tie)."""
+    top = Vt[np.arange(len(Vt)), np.abs(Vt).argmax(axis=1)]
+    return Vt * np.sign(top)[:, None]
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (100, 8)])  # wide: full SVD; tall: covariance
+def test_max_abs_components_are_sklearns_pca(shape):
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    rng = np.random.default_rng(12)
+    V = rng.normal(size=shape) * np.linspace(2.0, 0.5, shape[1]) + rng.normal(size=shape[1])
+    core = core_knowledge(V, val_variance=0.5, orient="max_abs")
+    pca = decomposition.PCA(n_components=0.5).fit(V)
+    assert len(core.weights) == pca.n_components_ >= 2
+    np.testing.assert_allclose(core.components, pca.components_, atol=1e-10)
+    np.testing.assert_allclose(core.explained, pca.explained_variance_ratio_, rtol=1e-10)
+    c = len(core.weights)
+    Vt = np.linalg.svd(V - V.mean(0), full_matrices=False)[2][:c]
+    any_signs = np.where(np.arange(c) % 2, -1.0, 1.0)[:, None]  # whatever LAPACK returned
+    np.testing.assert_allclose(core.components, svd_flip_rows(Vt * any_signs), atol=1e-10)
+    # orient=mean is another sign rule: it disagrees on at least one of these components
+    signs = np.sign(np.sum(core_knowledge(V, 0.5).components * core.components, axis=1))
+    assert np.all(np.abs(signs) == 1) and (signs < 0).any()
+
+
+def test_normalize_validation_is_pca_of_unit_rows():
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    rng = np.random.default_rng(12)
+    V = rng.normal(size=(10, 20)) * rng.uniform(0.1, 20.0, size=(10, 1))  # norms 0.1 to 20
+    V[3] = 0.0  # a zero row stays zero
+    unit_v = V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-300)
+    core = core_knowledge(V, 0.5, orient="max_abs", normalize=True)
+    pca = decomposition.PCA(n_components=0.5).fit(unit_v)
+    assert len(core.weights) == pca.n_components_
+    np.testing.assert_allclose(core.components, pca.components_, atol=1e-10)
+    np.testing.assert_allclose(core.explained, pca.explained_variance_ratio_, rtol=1e-10)
+    raw = core_knowledge(V, 0.5, orient="max_abs")  # the big rows dominate the raw PCA
+    assert abs(raw.components[0] @ core.components[0]) < 0.9
+
+
+def test_normalize_validation_reaches_the_selector(tmp_path):
+    """Validation (4, 0), (0, 1), (0, 1), (0, -1). Raw: centered x variance 12 beats y's 2.75,
+    kv ~ +x (along the mean (1, .25)). Unit rows (1, 0), (0, 1), (0, 1), (0, -1): y variance
+    2.75 beats x's .75, kv ~ +y (the mean (.25, .25)). Budget 1, no graph: the top by dot."""
+    pool = [ex("px"), ex("py")]
+    train = store(tmp_path / "train", ["px", "py"], [(1.0, 0.0), (0.0, 1.0)])
+    val = [ex(f"v{i}") for i in range(4)]
+    rows = [(4.0, 0.0), (0.0, 1.0), (0.0, 1.0), (0.0, -1.0)]
+    vstore = store(tmp_path / "val", [e.id for e in val], rows)
+    feats = FeatureSet([CheckpointFeatures("epoch_1", 1e-5, train, vstore)])
+    target = Target.single("t", val, val[:1])
+    picks = {}
+    for on in (True, False):
+        sel = G2ISSelector(graph="none", normalize_validation=on).select(pool, target, 1, 0, feats)
+        assert sel.diagnostics["normalize_validation"] is on
+        picks[on] = (sel.ids, sel.scores[0])
+    assert picks[True][0] == ["py"] and picks[False][0] == ["px"]
+    assert picks[True][1] > 0.95 and picks[False][1] > 0.95

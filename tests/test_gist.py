@@ -1,4 +1,5 @@
-"""GIST: the task subspace against an SVD, hand-worked picks, the streaming pass's memory."""
+"""GIST: the task subspace against an SVD, hand-worked picks, the authors' grouping against
+their formula, the streaming pass's memory."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import torch
 
 from dataselect.data.records import make_example
 from dataselect.data.targets import Target
-from dataselect.selectors.gist import GISTSelector
+from dataselect.selectors.gist import AUTHORS_SUBTASKS, GISTSelector, authors_groups
 from dataselect.selectors.gist_subspace import (
     GISTCoords,
     choose_rank,
@@ -114,3 +116,86 @@ def test_streaming_pass_never_holds_the_pool_gradients(tmp_path):
     full_gb = out["n"] * out["D"] * 4 / 1e9
     assert out["D"] > 2_000_000 and out["n"] == 1000 and out["k"] == 8 and full_gb > 8
     assert out["peak_mb"] < 2500, f"peak {out['peak_mb']:.0f} MB vs {full_gb:.1f} GB for N x D"
+
+
+def matching_gist(val_coords, train_coords, n_subtasks):
+    """The authors' matching_gist.py, in numpy: the N validation rows reshaped into
+    (n_subtasks, N / n_subtasks) and averaged, or kept per example when that does not divide;
+    rows normalized; cosine with the normalized training coordinates; max over groups."""
+    n, k = val_coords.shape
+    per_task = val_coords.reshape(n_subtasks, -1, k).mean(1) if n % n_subtasks == 0 else val_coords
+    v = per_task / np.linalg.norm(per_task, axis=1, keepdims=True)
+    t = train_coords / np.linalg.norm(train_coords, axis=1, keepdims=True)
+    return (t @ v.T).max(1)
+
+
+def random_case(name, labels, n_pool=40, d=120, seed=0):
+    """Validation examples labelled ``labels`` (target ``name``), random full-rank G and pool."""
+    rng = np.random.default_rng(seed)
+    val = [ex(f"v{i}", s) for i, s in enumerate(labels)]
+    G = rng.normal(size=(len(val), d)) + rng.normal(size=d)  # a shared drift, as real ones
+    sub = task_subspace(G, k=150)
+    g = rng.normal(size=(n_pool, d)) + 0.5 * rng.normal(size=d)
+    pool = [ex(f"z{i:02d}") for i in range(n_pool)]
+    coords = GISTCoords(sub, [e.id for e in pool], g @ sub.P.astype(np.float64), np.ones(n_pool))
+    return pool, Target.single(name, val, val[:1]), coords
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "knob", "n_groups"),
+    [
+        # BBH as LESS ships it: 27 subtasks x 3 = 81 rows; their 23 does not divide 81
+        ("bbh", [f"s{i // 3}" for i in range(81)], None, 81),
+        # 69 = 23 x 3 rows, labels round-robin: runs of 3 consecutive rows mix labels
+        ("bbh", [f"s{i % 23}" for i in range(69)], None, 23),
+        ("gsm8k", [f"s{i % 4}" for i in range(12)], None, 1),  # their table's default: 1
+        ("gsm8k", [f"s{i % 4}" for i in range(12)], 3, 3),  # n_subtasks set: 3 runs of 4
+    ],
+)
+def test_authors_grouping_reproduces_their_matching_formula(name, labels, knob, n_groups):
+    pool, target, coords = random_case(name, labels)
+    n_sub = knob or {"bbh": 23}.get(name, 1)
+    want = matching_gist(coords.subspace.val_coords, coords.coords, n_sub)
+    sel = GISTSelector(grouping="authors", n_subtasks=knob).select(
+        pool, target, 10, seed=0, features=coords
+    )
+    order = np.lexsort((np.arange(len(pool)), -want))[:10]
+    assert sel.ids == [pool[i].id for i in order]
+    np.testing.assert_allclose(sel.scores, want[order], rtol=1e-10, atol=1e-12)
+    assert sel.diagnostics["n_groups"] == n_groups and sel.diagnostics["grouping"] == "authors"
+    # the default groups by label: other groups here, so other scores
+    ours = GISTSelector().select(pool, target, 10, seed=0, features=coords)
+    assert ours.diagnostics["n_groups"] == len(set(labels))
+    assert not np.allclose(ours.scores, sel.scores, atol=1e-3)
+
+
+def test_authors_groups_are_consecutive_runs_or_single_examples():
+    val = [ex(f"v{i}", f"s{i // 3}") for i in range(9)]
+    names, groups = authors_groups(val, 3)  # 9 = 3 x 3: runs of 3, one label each
+    assert names == ["s0", "s1", "s2"]
+    assert [g.tolist() for g in groups] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    names, groups = authors_groups(val, 2)  # 9 % 2 != 0: per example
+    assert names == [e.subtask for e in val]
+    assert [g.tolist() for g in groups] == [[i] for i in range(9)]
+    names, _ = authors_groups(val, 1)  # one run of all 9: mixed labels
+    assert names == ["rows 0-8"]
+    assert AUTHORS_SUBTASKS == {"bbh": 23, "mmlu": 57, "tydiqa": 9}
+    with pytest.raises(ValueError, match="grouping"):
+        GISTSelector(grouping="labels")
+    with pytest.raises(ValueError, match="n_subtasks"):
+        GISTSelector(grouping="authors", n_subtasks=0)
+
+
+def test_config_defaults_and_the_bbh_preset():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import dataselect.config  # noqa: F401  (registers base_config)
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("config", overrides=["selector=gist", "paths.output_dir=/tmp/x"])
+        preset = compose("config", overrides=["experiment=gist_llama32_3b_bbh_5pct"])
+    sel = instantiate(cfg.selector)
+    assert (sel.k, sel.grouping, sel.n_subtasks, sel.space) == (150, "subtask", None, "exact")
+    assert preset.selector.k == 150 and preset.selector.grouping == "subtask"

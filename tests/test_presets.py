@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 import dataselect.config  # noqa: F401
 from dataselect import plan
@@ -19,6 +21,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 PAPERS = [e for e in EXPERIMENTS if e != "quickstart"]
 SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
+SELECTORS = sorted(p.stem for p in (CONF / "selector").glob("*.yaml"))
+PAPER_TABLES = ["less_paper_table", "g2is_paper_table", "gist_paper_table"]
 
 
 def compose_cfg(tmp: Path, *overrides: str, hydra: bool = False):
@@ -40,6 +44,7 @@ def test_the_paper_rows_are_all_there():
     assert {"g2is_llama31_8b_bbh_1pct"} <= set(PAPERS)
     assert any(e.startswith("gist_") and e.endswith("_bbh_5pct") for e in PAPERS)
     assert {"mini", "selectors_budgets", "less_paper", "ablation_gist_k"} <= set(SWEEPS)
+    assert set(PAPER_TABLES) <= set(SWEEPS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -53,16 +58,68 @@ def test_paper_preset_cites_its_numbers(tmp_path, name):
     cfg = compose_cfg(tmp_path, f"experiment={name}")
     ref = cfg.reference
     assert ref is not None and len(ref.source) > 20
-    assert all(isinstance(v, int | float) for k, v in ref.items() if k != "source")
+    assert all(isinstance(v, int | float) for k, v in ref.items() if k not in ("source", "method"))
     assert cfg.trainer.accelerator == "gpu" and cfg.model.dtype == "bfloat16"
     assert cfg.model.lora.r == 128 and cfg.model.lora.alpha == 512
     assert cfg.warmup.lr == cfg.finetune.lr == 2e-5 and cfg.warmup.epochs == 4
     assert cfg.model.cost.seconds_per_example.featurize > 0
 
 
+def selector_target(name: str) -> str:
+    return yaml.safe_load((CONF / "selector" / f"{name}.yaml").read_text())["_target_"]
+
+
+@pytest.mark.parametrize("name", PAPERS)
+def test_paper_reference_keys_name_a_task_and_a_selector(tmp_path, name):
+    """reference: "<task>" (the paper's own method, named by `method`), "<selector>/<task>" (a
+    row of the paper's table: a selector of conf/selector/, or "base"), percent; and `source`.
+    Passes for the LESS and G2IS presets once conf/selector/{full,embed}.yaml exist."""
+    cfg = compose_cfg(tmp_path, f"experiment={name}")
+    ref, tasks = dict(cfg.reference), set(cfg.target)
+    assert ref["method"] in SELECTORS  # the preset's own selector
+    assert selector_target(ref["method"]) == cfg.selector._target_
+    for key, value in ref.items():
+        if key in ("source", "method"):
+            continue
+        selector, _, task = key.rpartition("/")
+        assert task in tasks, (key, tasks)  # a number for a task this preset evaluates
+        assert selector in ("", "base", *SELECTORS), (key, SELECTORS)
+        assert isinstance(value, int | float) and 0 < value <= 100, (key, value)  # percent
+
+
+def sweep_params(tmp_path: Path, name: str) -> dict[str, list[str]]:
+    cfg = compose_cfg(tmp_path, f"sweep={name}", hydra=True)
+    return {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweeps_name_existing_selectors(tmp_path, name):
+    """Passes for the *_paper_table sweeps once conf/selector/{bm25,dsir,full,embed,length,
+    perplexity,rds}.yaml exist."""
+    swept = sweep_params(tmp_path, name).get("selector", [])
+    assert set(swept) <= set(SELECTORS), sorted(set(swept) - set(SELECTORS))
+
+
+@pytest.mark.parametrize("name", PAPER_TABLES)
+def test_paper_table_jobs_instantiate_every_selector(tmp_path, name):
+    """Each job of a paper sweep composes and builds its selector: a preset's `selector:` knobs
+    would be merged into every selector the sweep swaps in (RandomSelector(variant=...))."""
+    params = sweep_params(tmp_path, name)
+    assert "seed" in params and len(params["selector"]) >= 4
+    for experiment in params.get("experiment", [None]):
+        for selector in params["selector"]:
+            if selector not in SELECTORS:
+                pytest.fail(f"{name}: conf/selector/{selector}.yaml does not exist (yet)")
+            job = [f"selector={selector}"] + ([f"experiment={experiment}"] if experiment else [])
+            cfg = compose_cfg(tmp_path, f"sweep={name}", *job)
+            assert cfg.reference is not None and cfg.reference.method
+            assert instantiate(cfg.selector).name, (experiment, selector)
+
+
 def test_less_preset_is_the_papers_recipe(tmp_path):
     cfg = compose_cfg(tmp_path, "experiment=less_llama2_7b_bbh_5pct")
     assert cfg.reference.bbh == 41.5 and cfg.reference["random/bbh"] == 38.9
+    assert cfg.reference.method == "less" and cfg.reference["full/bbh"] == 43.2
     assert cfg.warmup.batch_size * cfg.warmup.grad_accum == 128
     assert cfg.finetune.batch_size * cfg.finetune.grad_accum == 128
     assert (cfg.budget, cfg.warmup.fraction, cfg.model.max_length) == (0.05, 0.05, 2048)

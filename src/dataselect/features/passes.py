@@ -135,59 +135,61 @@ def lm_pass(
     model,
     toks: list[Tokenized],
     pad_id: int,
-    reduce: Callable[[object, dict[str, torch.Tensor]], torch.Tensor],
+    reduce: Callable[..., torch.Tensor],
     batch_size: int = 8,
-    max_tokens: int | None = 8192,
+    max_tokens: int | None = None,
     what: str = "forward pass",
 ) -> np.ndarray:
-    """``reduce(outputs, batch)`` -> (B, ...) per batch of the model's forward pass (with
-    hidden states), rows returned in the order of ``toks``. Longest first, right-padded,
+    """``reduce(h, batch, model)`` -> (B, ...) per batch, where ``h`` is the final layer's
+    (normed) hidden states, (B, T, H), from the model's decoder: the vocabulary projection,
+    the largest product of a small model, is left to ``reduce`` (a loss needs it at the
+    answer tokens only). Rows returned in the order of ``toks``; longest first, right-padded,
     batches bounded by ``max_tokens`` padded tokens."""
     device = next(model.parameters()).device
+    decoder = model.get_decoder()  # a LoRA adapter's layers live inside it
     order = length_order(toks)
     where = {t.id: i for i, t in enumerate(toks)}
     rows: list[np.ndarray] = [None] * len(toks)  # type: ignore[list-item]
     with progress(what, len(toks)) as advance:
         for chunk in token_batches(order, batch_size, max_tokens):
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                output_hidden_states=True,
-            )
-            got = reduce(out, batch).float().cpu().numpy()
+            h = decoder(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+            got = reduce(h, batch, model).float().cpu().numpy()
             for t, r in zip(chunk, got, strict=True):
                 rows[where[t.id]] = r
             advance(len(chunk))
     return np.stack(rows) if rows else np.zeros((0,))
 
 
-def answer_loss(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_loss(h: torch.Tensor, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
     """(B,) mean next-token cross-entropy over each example's answer tokens (the training
-    loss of that example alone): log perplexity."""
-    logits = out.logits[:, :-1].float()
+    loss of that example alone): log perplexity. The vocabulary projection runs on the
+    answer positions only."""
     labels = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
-    )
-    scored = (labels != -100).sum(1).clamp(min=1)
-    return nll.sum(1) / scored
+    scored = labels != -100
+    rows = torch.nonzero(scored)[:, 0]
+    logits = model.get_output_embeddings()(h[:, :-1][scored]).float()
+    nll = torch.nn.functional.cross_entropy(logits, labels[scored], reduction="none")
+    total = torch.zeros(h.shape[0], device=h.device).index_add_(0, rows, nll)
+    return total / scored.sum(1).clamp(min=1)
 
 
-def last_token_state(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def last_token_state(h: torch.Tensor, batch: dict[str, torch.Tensor], model=None) -> torch.Tensor:
     """(B, H) the final layer's hidden state at each example's last token (LESS's RDS)."""
-    h = out.hidden_states[-1]
     last = batch["attention_mask"].sum(1) - 1
     return h[torch.arange(h.shape[0], device=h.device), last]
 
 
-def weighted_mean_state(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def weighted_mean_state(
+    h: torch.Tensor, batch: dict[str, torch.Tensor], model=None
+) -> torch.Tensor:
     """(B, H) position-weighted mean of the final layer's hidden states (RDS+; SGPT's pooling):
     token t (1-based) of an example of length L weighs t / (1 + ... + L). Padding weighs
     nothing: the authors' code weighs the padded width too, which equals this for a batch of
     one (or of equal lengths) and is an accident of batching otherwise."""
-    h = out.hidden_states[-1].float()
     mask = batch["attention_mask"].float()
     w = torch.cumsum(mask, dim=1) * mask  # 1, 2, ..., L on real tokens, 0 on padding
     w = w / w.sum(1, keepdim=True)
-    return (h * w.unsqueeze(-1)).sum(1)
+    return (h.float() * w.unsqueeze(-1)).sum(1)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 RANDOM = "random"
 BASE = "base (no fine-tuning)"
+METHOD = "method"  # reference key: the selector whose number the bare "<task>" keys are
 RUN_COLUMNS = ["dir", "model", "task", "selector", "budget_cfg", "budget", "seed"]
 RUN_COLUMNS += ["value", "stderr", "micro", "n"]  # report.csv, one line per run and task
 SINGLE = "†"  # marks a one-seed row: its ± is the evaluation's stderr, not a std over seeds
@@ -177,15 +178,49 @@ def collect_runs(root: Path, skip: Path | None = None) -> Sweep:
     return Sweep(records, incomplete, not_evaluated)
 
 
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def paper_number(reference: dict[str, Any], selector: str, task: str) -> float | None:
+    """The paper's number for one row of the table, from a preset's ``reference`` block.
+
+    ``reference["<selector>/<task>"]`` is a row of the paper's table (a baseline, "full" for
+    the whole pool, "base" for the model without fine-tuning); the bare ``reference["<task>"]``
+    is the paper's own method, the selector named by ``reference["method"]``, and only that
+    selector's row gets it: a baseline the paper reports no number for gets none.
+    """
+    v = _number(reference.get(f"{selector}/{task}"))
+    if v is None and reference.get(METHOD) == selector:
+        v = _number(reference.get(task))
+    return v
+
+
 def _paper(records: list[RunRecord], selector: str, task: str) -> float | None:
-    """reference["<selector>/<task>"], else (not for random or base) reference["<task>"]."""
-    keys = [f"{selector}/{task}"] + ([task] if selector not in (RANDOM, "base") else [])
-    for key in keys:
-        for r in records:
-            v = r.reference.get(key)
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                return float(v)
+    """The first paper number any of the group's runs carries (they share one preset)."""
+    for r in records:
+        v = paper_number(r.reference, selector, task)
+        if v is not None:
+            return v
     return None
+
+
+def _warn_undeclared(records: list[RunRecord]) -> None:
+    """A reference with bare "<task>" numbers but no "method" can't say whose they are."""
+    tasks = {r.task for r in records}
+    for source in sorted(
+        {
+            str(r.reference.get("source", "?"))
+            for r in records
+            if METHOD not in r.reference
+            and any(_number(r.reference.get(t)) is not None for t in tasks)
+        }
+    ):
+        log.warning(
+            "reference %r has '<task>' numbers but no 'method' naming the selector they belong"
+            " to: they are shown on no row (add reference.method)",
+            source,
+        )
 
 
 def _budget_key(b: float | int | None) -> tuple[int, float]:
@@ -213,6 +248,7 @@ def _spread(values: list[float], stderr: float | None) -> dict[str, Any]:
 def summarize(records: list[RunRecord]) -> list[Row]:
     """Group by (model, task, selector, budget); mean and std over seeds, delta vs random;
     one base row per (model, task) from the distinct base values."""
+    _warn_undeclared(records)
     groups: dict[tuple, list[RunRecord]] = defaultdict(list)
     bases: dict[tuple[str, str], dict[float, RunRecord]] = defaultdict(dict)
     for r in records:

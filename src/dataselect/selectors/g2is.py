@@ -3,8 +3,10 @@ gradient graph, along the principal directions of the target's validation gradie
 
     T  = pool Adam features (LESS, sketched) at one warmup checkpoint, L2-normalized
     V  = validation SGD gradients (all subtasks together: the components are the multi-task rule)
-    kv_1..kv_c = PCA(V, centered): the fewest components explaining ``val_variance``
-                 (or ``n_components``); w_j = explained-variance ratio, renormalized to sum 1
+    kv_1..kv_c = PCA(V, centered; rows L2-normalized first, as LESS saves them, unless
+                 ``normalize_validation`` is off): the fewest components explaining
+                 ``val_variance`` (or ``n_components``); w_j = explained-variance ratio,
+                 renormalized to sum 1
     b_j = budget split by w with the largest-remainder method (sums exactly to the budget)
     graph: each pool example's top-K neighbours by cosine, descending (graph.py)
     for each component j (strongest first), S = {}:
@@ -37,7 +39,13 @@ from dataselect.data.targets import Target
 from dataselect.features.stores import FeatureSet, GradientStores
 from dataselect.selectors.base import Selection, Selector, composition
 from dataselect.selectors.graph import NeighbourLists, knn_graph, unit_rows
-from dataselect.selectors.ranking import canonical_dot, dot_tolerance, rank_by_dot, tree_sum
+from dataselect.selectors.ranking import (
+    CANONICAL,
+    canonical_dot,
+    dot_tolerance,
+    rank_by_dot,
+    tree_sum,
+)
 
 
 @dataclass
@@ -55,17 +63,20 @@ def core_knowledge(
     val_variance: float | None = 0.5,
     n_components: int | None = None,
     orient: str = "mean",
+    normalize: bool = False,
 ) -> CoreKnowledge:
     """PCA of V (m, d), centered. Threshold rule as sklearn's PCA(n_components=float): the
     fewest components whose cumulative ratio exceeds ``val_variance``; or ``n_components``.
+    ``normalize`` L2-normalizes V's rows first (zero rows stay zero).
 
     PCA signs are arbitrary, but the anchor and the fallback rank by signed dot product:
     ``orient=mean`` points each kv where the (uncentered) mean validation gradient points,
-    ``max_abs`` makes its largest-magnitude coordinate positive (sklearn's ``svd_flip``).
+    ``max_abs`` makes its largest-magnitude coordinate positive (the first one on a tie):
+    sklearn's PCA since 1.5, ``svd_flip(u_based_decision=False)`` on the rows of Vt.
     Degenerate PCA (one validation example, or identical ones): the single component is the
     normalized mean validation gradient.
     """
-    V = np.asarray(V, dtype=np.float64)
+    V = CANONICAL.normalize(V) if normalize else np.asarray(V, dtype=np.float64)
     mean = V.mean(axis=0)
     _, s, Vt = np.linalg.svd(V - mean, full_matrices=False)
     var = s**2
@@ -294,6 +305,7 @@ class G2ISSelector(Selector[FeatureSet]):
         val_variance: float | None = 0.5,
         n_components: int | None = None,
         orient: str = "mean",
+        normalize_validation: bool = True,
         k_neighbors: int = 100,
         graph: str = "on_demand",
         graph_block: int = 1024,
@@ -317,6 +329,7 @@ class G2ISSelector(Selector[FeatureSet]):
             n_components,
         )
         self.orient, self.k_neighbors, self.graph = orient, k_neighbors, graph
+        self.normalize_validation = normalize_validation
         self.graph_block, self.anchor_pool, self.delta, self.fill = (
             graph_block,
             anchor_pool,
@@ -361,7 +374,9 @@ class G2ISSelector(Selector[FeatureSet]):
         excluded = np.ones(len(X), dtype=bool)
         excluded[cand] = False
         V = ckpt.val.features(ckpt.val.index([e.id for e in target.validation]))
-        core = core_knowledge(V, self.val_variance, self.n_components, self.orient)
+        core = core_knowledge(
+            V, self.val_variance, self.n_components, self.orient, self.normalize_validation
+        )
         budgets = largest_remainder(budget, core.weights)
         nbrs = None
         if self.graph != "none":
@@ -404,6 +419,7 @@ class G2ISSelector(Selector[FeatureSet]):
                 "explained_variance": float(core.explained.sum()),
                 "component_weights": core.weights.tolist(),
                 "pca_note": core.note,
+                "normalize_validation": self.normalize_validation,
                 "components": walk.per_component,
                 "fallbacks": sum(s["fallbacks"] for s in walk.per_component),
                 "underfill": underfill,

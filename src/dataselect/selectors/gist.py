@@ -7,12 +7,16 @@
        task subspace (not a whitening)
     4. validation coordinates U_k S_k (= G P); training coordinates P^T g (SGD g), one
        streaming pass over the pool per target
-    5. per subtask: mean of the raw validation coordinates, L2-normalized; training
-       coordinates L2-normalized; score = max over subtasks of the cosine; global top-k
+    5. per subtask (``grouping``): mean of the raw validation coordinates, L2-normalized;
+       training coordinates L2-normalized; score = max over subtasks of the cosine; global
+       top-k
 
-Subtasks are grouped by their real labels (the authors' code falls back to per-example max
-when N is not divisible by the subtask count, e.g. BBH 81 vs 23). ``space=sketch`` runs the
-same algorithm on the shared gradient store's sketched features: no per-target pool pass.
+``grouping=subtask`` groups the validation examples by their subtask labels.
+``grouping=authors`` is ``matching_gist.py``'s rule: the N rows, in order, reshaped into
+``n_subtasks`` consecutive groups of N / n_subtasks (their table: BBH 23, MMLU 57, TydiQA 9,
+any other target 1), or, when n_subtasks does not divide N, one group per example (so BBH's
+81 = 27 x 3 exemplars are scored by a per-example max). ``space=sketch`` runs the same
+algorithm on the shared gradient store's sketched features: no per-target pool pass.
 ``energy_weight`` multiplies the cosine by |P^T g| / |g|, the share of g's norm inside the
 subspace, which the plain cosine ignores.
 """
@@ -44,6 +48,25 @@ from dataselect.selectors.ranking import (
     top_k,
 )
 
+# matching_gist.py's TASK_CONFIG: the subtask count it assumes per target (else 1)
+AUTHORS_SUBTASKS = {"bbh": 23, "mmlu": 57, "tydiqa": 9}
+
+
+def authors_groups(
+    validation: list[Example], n_subtasks: int
+) -> tuple[list[str], list[np.ndarray]]:
+    """``matching_gist.py``'s groups: ``n_subtasks`` runs of N / n_subtasks consecutive rows,
+    or one group per example when n_subtasks does not divide N. Each group is named by its
+    rows' subtask label (``rows a-b`` when they mix labels)."""
+    n = len(validation)
+    size = max(n // n_subtasks, 1) if n % n_subtasks == 0 else 1
+    groups = [np.arange(s, s + size) for s in range(0, n, size)]
+    names = []
+    for g in groups:
+        labels = {validation[i].subtask for i in g}
+        names.append(labels.pop() if len(labels) == 1 else f"rows {g[0]}-{g[-1]}")
+    return names, groups
+
 
 class GISTSelector(Selector[GISTCoords | FeatureSet]):
     name = "gist"
@@ -56,12 +79,19 @@ class GISTSelector(Selector[GISTCoords | FeatureSet]):
         checkpoint: int = 1,
         energy_weight: bool = False,
         train_gradient: str = "sgd",
+        grouping: str = "subtask",
+        n_subtasks: int | None = None,
     ):
         if space not in ("exact", "sketch"):
             raise ValueError(f"gist: space must be 'exact' or 'sketch', got {space!r}")
+        if grouping not in ("subtask", "authors"):
+            raise ValueError(f"gist: grouping must be 'subtask' or 'authors', got {grouping!r}")
+        if n_subtasks is not None and n_subtasks < 1:
+            raise ValueError(f"gist: n_subtasks must be >= 1 or null, got {n_subtasks}")
         self.space, self.k, self.variance = space, k, variance
         self.checkpoint, self.energy_weight = checkpoint, energy_weight
         self.train_gradient = train_gradient
+        self.grouping, self.n_subtasks = grouping, n_subtasks
 
     def request(self) -> FeatureRequest:
         """Exact: full-D validation gradients and a pass over the pool in their subspace.
@@ -91,6 +121,13 @@ class GISTSelector(Selector[GISTCoords | FeatureSet]):
 
         return sub, np.concatenate(coords), np.concatenate(norms), exact
 
+    def groups(self, target: Target) -> tuple[list[str], list[np.ndarray]]:
+        """The validation groups whose mean coordinates are scored against (``grouping``)."""
+        if self.grouping == "subtask":
+            return subtask_groups(target.validation)
+        n = self.n_subtasks or AUTHORS_SUBTASKS.get(target.name, 1)
+        return authors_groups(target.validation, n)
+
     def select(
         self,
         pool: list[Example],
@@ -115,7 +152,7 @@ class GISTSelector(Selector[GISTCoords | FeatureSet]):
                 raise ValueError("gist (sketch) needs gradient features")
             sub, coords, norms, exact = self._from_sketch(pool, target, features)
             d = features.checkpoints[0].train.dim
-        names, groups = subtask_groups(target.validation)
+        names, groups = self.groups(target)
 
         def scores(c: np.ndarray, g_norms: np.ndarray, ar: Arithmetic) -> np.ndarray:
             energy = None
@@ -140,6 +177,8 @@ class GISTSelector(Selector[GISTCoords | FeatureSet]):
                 "composition": composition(chosen),
                 "subtask_of_max": dict(Counter(names[j] for j in per_subtask[top].argmax(1))),
                 "space": self.space,
+                "grouping": self.grouping,
+                "n_groups": len(groups),
                 "k": sub.k,
                 "explained_variance": float(share[sub.k - 1]),
                 "effective_rank": effective_rank(sub.eigvals),

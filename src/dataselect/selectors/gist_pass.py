@@ -78,7 +78,9 @@ class GISTPass(FeatureRequest[GISTCoords]):
                 out.append(
                     Planned("gist_spectrum", what, key, n_val, product(n_val, 8), "featurize")
                 )
-        k = self.k if self.variance is None else n_val  # variance rule: k <= N
+        # the subspace's rank is at most N (the variance rule's, too)
+        k = n_val if self.variance is not None or n_val is None else min(self.k, n_val)
+        k = self.k if k is None else k
         what = f"pool @ {ckpt}, k={k}"
         nbytes = product(sizes.pool, k, 4)
         out.append(Planned("gist_pass", what, self.key(cfg), sizes.pool, nbytes, "featurize"))

@@ -10,9 +10,9 @@ hamishivi/automated-instruction-selection), the baseline recent work finds harde
     round-robin over the target's tasks: each in turn adds its best example not yet taken
     (one task: the global top-k by s_T)
 
-RDS as LESS used it (Xia et al., 2024, Table 2 "RDS"): e(x) = the final layer's hidden state
-at the last token, and LESS's matching: s(x) = max over subtasks of the mean over the
-subtask's validation examples of cos(e(x), e(v)).
+RDS as LESS used it (Xia et al., 2024, its baseline table's "RDS"): e(x) = the final
+layer's hidden state at the last token, and LESS's matching: s(x) = max over subtasks of the
+mean over the subtask's validation examples of cos(e(x), e(v)).
 
 ``model: base`` (default: RDS+ embeds with the model being trained, before training) or
 ``warmup`` (the warmup LoRA at ``checkpoint``, like LESS's gradients). The pool's
