@@ -228,7 +228,7 @@ NEW_TARGET = (
     [
         (["selector=perplexity"], "pool_loss"),
         (["selector=rds"], "hidden_pool"),
-        (["selector=rds", "selector.variant=rds"], "hidden_pool"),
+        (["selector=rds_plus"], "hidden_pool"),
         (["selector=embed"], "embed_pool"),
     ],
 )

@@ -126,7 +126,7 @@ class RDSSelector(Selector[Paired]):
 
     def __init__(
         self,
-        variant: str = "rds_plus",
+        variant: str = "rds",
         pooling: str | None = None,
         model: str = "base",
         checkpoint: int | None = None,
@@ -137,6 +137,7 @@ class RDSSelector(Selector[Paired]):
         if pooling not in POOLINGS:
             raise ValueError(f"rds: pooling must be one of {list(POOLINGS)}, got {pooling!r}")
         self.variant = variant
+        self.name = variant  # rds | rds_plus: two rows of a paper table, kept apart
         self.states = HiddenStates(pooling, model, checkpoint)
 
     def request(self) -> HiddenStates:
