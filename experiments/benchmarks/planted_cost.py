@@ -7,6 +7,10 @@ scratch (warmup + pool passes: shared by every target that reuses them), the sec
 target costs (its validation side + the selection), and the bytes stored per pool example.
 Writes a plot of mean precision against seconds for one target from scratch.
 
+``--costs DIR``: take the costs from another run_planted.py output instead (rows matched by
+selector label), e.g. one family run alone on a quiet machine with an empty cache, so that
+every pass is built once, sequentially, with nothing else running.
+
     python experiments/benchmarks/planted_cost.py outputs/planted_baselines \
         outputs/planted_random outputs/planted_gradients --plot \
         experiments/benchmarks/planted_cost.png
@@ -31,6 +35,18 @@ def load(dirs: list[Path]) -> list[dict]:
             raise SystemExit(f"{path}: no planted.json (run experiments/planted/run_planted.py)")
         rows += json.loads(path.read_text())
     return rows
+
+
+def with_costs(rows: list[dict], cost_rows: list[dict]) -> list[dict]:
+    """``rows`` with their cost fields replaced by those of ``cost_rows`` (by selector)."""
+    fields = ("setup_seconds", "target_seconds", "bytes_per_pool_example")
+    by = {}
+    for r in cost_rows:
+        by.setdefault(r["selector"], r)
+    missing = sorted({r["selector"] for r in rows} - set(by))
+    if missing:
+        raise SystemExit(f"--costs has no row for {missing}")
+    return [{**r, **{f: by[r["selector"]][f] for f in fields}} for r in rows]
 
 
 def summarize(rows: list[dict]) -> tuple[list[str], list[dict]]:
@@ -63,6 +79,10 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[dict]]:
     return families, out
 
 
+def _sec(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.2f}"
+
+
 def table(families: list[str], summary: list[dict], base: float) -> str:
     head = ["selector", *families, "mean", "setup s", "per-target s", "bytes / pool ex."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -72,11 +92,15 @@ def table(families: list[str], summary: list[dict], base: float) -> str:
         lines.append(
             f"| {label} | "
             + " | ".join(cells)
-            + f" | **{s['precision']:.3f}** | {s['setup_seconds']:.0f} | {s['target_seconds']:.1f}"
+            + f" | **{s['precision']:.3f}** | {_sec(s['setup_seconds'])}"
+            + f" | {_sec(s['target_seconds'])}"
             + f" | {s['bytes']:,.0f} |"
         )
     lines.append(f"\nbase rate (a random pick): {base:.3f}")
     return "\n".join(lines)
+
+
+GRADIENT = ("less", "g2is", "gist")  # selectors on LoRA gradients; the rest are baselines
 
 
 def plot(summary: list[dict], base: float, out: Path) -> None:
@@ -85,22 +109,27 @@ def plot(summary: list[dict], base: float, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 6))
     for s in summary:
-        x = max(s["seconds"], 0.1)
-        gradient = s["setup_seconds"] > 0 and s["bytes"] > 1000
+        x = max(s["seconds"], 0.01)
+        gradient = s["selector"].split()[0] in GRADIENT
         ax.scatter(x, s["precision"], s=40, color="tab:red" if gradient else "tab:blue")
-        ax.annotate(s["selector"], (x, s["precision"]), fontsize=7, xytext=(4, 2),
+        label = s["selector"].replace("selector.", "")
+        ax.annotate(label, (x, s["precision"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")  # fmt: skip
+    ax.scatter([], [], color="tab:red", label="gradient selectors")
+    ax.scatter([], [], color="tab:blue", label="baselines")
     ax.axhline(base, color="grey", ls="--", lw=1, label=f"base rate {base:.3f}")
     ax.set_xscale("log")
     ax.set_xlabel("seconds for one target from scratch (warmup + pool passes + target side)")
     ax.set_ylabel("precision (share of the selection from the target family)")
-    ax.set_title("Planted benchmark: precision vs cost (SmolLM2-135M, 1,050-example pool, CPU)")
-    ax.set_ylim(0, 1.05)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(
+        "Planted benchmark: precision vs cost\n(SmolLM2-135M, 1,050-example pool, 2 CPU cores)"
+    )
+    ax.set_ylim(0, 1.08)
+    ax.legend(loc="center left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
@@ -108,8 +137,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("dirs", nargs="+", type=Path, help="run_planted.py --out dirs")
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--costs", type=Path, default=None, help="a run_planted.py dir: its costs")
     args = ap.parse_args()
     rows = load(args.dirs)
+    if args.costs:
+        rows = with_costs(rows, load([args.costs]))
     families, summary = summarize(rows)
     base = mean(r["base_rate"] for r in rows)
     print(table(families, summary, base))
