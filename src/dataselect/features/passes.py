@@ -63,6 +63,12 @@ class Paired:
     pool: Table
     validation: Table
 
+    def matrices(self, pool: list[Example], validation: list[Example]):
+        """(pool rows, validation rows) for these examples, in their order."""
+        return self.pool.rows([e.id for e in pool]), self.validation.rows(
+            [e.id for e in validation]
+        )
+
 
 def table(
     ctx: RunContext,

@@ -69,6 +69,17 @@ class Selection:
     scores: list[float]
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, pool: list[Example], positions, scores, **diagnostics: Any) -> Selection:
+        """The pool examples at ``positions`` (best first) with their ``scores``; the
+        diagnostics lead with the selection's composition by source."""
+        chosen = [pool[int(i)] for i in positions]
+        return cls(
+            [e.id for e in chosen],
+            [float(x) for x in scores],
+            {"composition": composition(chosen), **diagnostics},
+        )
+
     def write_jsonl(self, path: Path) -> None:
         with open(path, "w") as fh:
             for rank, (i, s) in enumerate(zip(self.ids, self.scores, strict=True)):
@@ -89,6 +100,12 @@ def subtask_groups(validation: list[Example]) -> tuple[list[str], list[np.ndarra
             names.append(ex.subtask)
     labels = np.array([names.index(ex.subtask) for ex in validation])
     return names, [np.flatnonzero(labels == k) for k in range(len(names))]
+
+
+def one_of(selector: str, knob: str, value: Any, options) -> None:
+    """A knob's value checked against its options, with the error every selector gives."""
+    if value not in options:
+        raise ValueError(f"{selector}: {knob} must be one of {tuple(options)}, got {value!r}")
 
 
 def composition(chosen: list[Example]) -> dict[str, int]:

@@ -36,7 +36,7 @@ from dataselect.data.targets import Target
 from dataselect.features.passes import example_text
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.keys import artifact_key, pool_spec
-from dataselect.selectors.base import Selection, Selector, composition
+from dataselect.selectors.base import Selection, Selector, one_of
 from dataselect.selectors.ranking import top_k
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,7 @@ def aggregate_scores(
     (memory: one score vector, not queries x pool); and how many queries match no document.
     The sum adds the queries in their order: a fixed sequence of float64 adds per document,
     so its bits depend on that document's scores alone."""
-    if how not in AGGREGATES:
-        raise ValueError(f"bm25: aggregate must be one of {AGGREGATES}, got {how!r}")
+    one_of("bm25", "aggregate", how, AGGREGATES)
     out, unmatched = None, 0
     for row in _query_rows(retriever, queries, stopwords):
         unmatched += int(not row.any())
@@ -187,12 +186,9 @@ class BM25Selector(Selector[BM25Index]):
         method: str = "lucene",
         stopwords: str | None = "en",
     ):
-        if query not in QUERIES:
-            raise ValueError(f"bm25: query must be one of {QUERIES}, got {query!r}")
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"bm25: aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-        if method not in METHODS:
-            raise ValueError(f"bm25: method must be one of {METHODS}, got {method!r}")
+        one_of("bm25", "query", query, QUERIES)
+        one_of("bm25", "aggregate", aggregate, AGGREGATES)
+        one_of("bm25", "method", method, METHODS)
         if stopwords is not None and not isinstance(stopwords, str):
             raise ValueError(
                 f"bm25: stopwords must be a language code (en) or null, got {stopwords!r}"
@@ -225,18 +221,15 @@ class BM25Selector(Selector[BM25Index]):
         scores = scores[rows]
         # exact scores (see the module docstring): no tolerance, ties by pool order
         top, vals = top_k(scores, budget, 0.0, lambda p: scores[p])
-        chosen = [pool[i] for i in top]
-        return Selection(
-            ids=[e.id for e in chosen],
-            scores=[float(s) for s in vals],
-            diagnostics={
-                "composition": composition(chosen),
-                "aggregate": self.aggregate,
-                "query": self.query,
-                "queries": len(queries),
-                "queries_matching_nothing": unmatched,
-                "score_mean_selected": float(np.mean(vals)),
-                "score_mean_candidates": float(np.mean(scores)),
-                "zero_score_selected": int((vals <= 0).sum()),
-            },
+        return Selection.of(
+            pool,
+            top,
+            [float(s) for s in vals],
+            aggregate=self.aggregate,
+            query=self.query,
+            queries=len(queries),
+            queries_matching_nothing=unmatched,
+            score_mean_selected=float(np.mean(vals)),
+            score_mean_candidates=float(np.mean(scores)),
+            zero_score_selected=int((vals <= 0).sum()),
         )

@@ -45,7 +45,7 @@ from dataselect.data.targets import Target
 from dataselect.features.passes import example_text
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.keys import artifact_key, pool_spec
-from dataselect.selectors.base import Selection, Selector, composition
+from dataselect.selectors.base import Selection, Selector, one_of
 from dataselect.selectors.ranking import dot_tolerance, top_k, tree_sum
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,7 @@ _RESCORE_ROWS = 1024  # dense float64 rows per block when re-scoring canonically
 
 
 def _tokenizer(name: str) -> Callable[[str], list[str]]:
-    if name not in TOKENIZERS:
-        raise ValueError(f"dsir: tokenizer must be one of {tuple(TOKENIZERS)}, got {name!r}")
+    one_of("dsir", "tokenizer", name, TOKENIZERS)
     return TOKENIZERS[name]
 
 
@@ -237,10 +236,8 @@ class DSIRSelector(Selector[NgramCounts]):
         tokenizer: str = "wordpunct",
         min_example_length: int = 0,
     ):
-        if mode not in MODES:
-            raise ValueError(f"dsir: mode must be one of {MODES}, got {mode!r}")
-        if target_text not in TEXTS:
-            raise ValueError(f"dsir: target_text must be one of {TEXTS}, got {target_text!r}")
+        one_of("dsir", "mode", mode, MODES)
+        one_of("dsir", "target_text", target_text, TEXTS)
         _tokenizer(tokenizer)
         if int(ngrams) < 1 or int(num_buckets) < 1 or int(min_example_length) < 0:
             raise ValueError(
@@ -299,21 +296,18 @@ class DSIRSelector(Selector[NgramCounts]):
 
             pos, vals = top_k(keys, budget, tol, rescore)
             chosen_w = weights.fast[pos]
-        chosen = [pool[i] for i in eligible[pos]]
-        return Selection(
-            ids=[e.id for e in chosen],
-            scores=[float(s) for s in vals],
-            diagnostics={
-                "composition": composition(chosen),
-                "mode": self.mode,
-                "score": "log importance weight"
-                if self.mode == "topk"
-                else "log importance weight + Gumbel noise",
-                "eligible": int(len(eligible)),
-                "too_short": int(len(pool) - len(eligible)),
-                "min_example_length": self.min_example_length,
-                "log_weight_mean_selected": float(np.mean(chosen_w)),
-                "log_weight_mean_candidates": float(np.mean(weights.fast)),
-                "target_ngrams": int(target_totals.sum()),
-            },
+        return Selection.of(
+            pool,
+            eligible[pos],
+            [float(s) for s in vals],
+            mode=self.mode,
+            score="log importance weight"
+            if self.mode == "topk"
+            else "log importance weight + Gumbel noise",
+            eligible=int(len(eligible)),
+            too_short=int(len(pool) - len(eligible)),
+            min_example_length=self.min_example_length,
+            log_weight_mean_selected=float(np.mean(chosen_w)),
+            log_weight_mean_candidates=float(np.mean(weights.fast)),
+            target_ngrams=int(target_totals.sum()),
         )

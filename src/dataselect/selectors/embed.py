@@ -28,7 +28,7 @@ from dataselect.data.targets import Target
 from dataselect.features.passes import Paired, example_text, table
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.keys import artifact_key, pool_spec, validation_spec
-from dataselect.selectors.base import Selection, Selector, composition
+from dataselect.selectors.base import Selection, Selector, one_of
 from dataselect.selectors.similarity import max_cosine, mean_cosine
 
 MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -137,8 +137,7 @@ class EmbedSelector(Selector[Paired]):
         text: str = "all",
         batch_size: int = 64,
     ):
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"embed: aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        one_of("embed", "aggregate", aggregate, AGGREGATES)
         if text not in ("all", "prompt"):
             raise ValueError(f"embed: text must be 'all' or 'prompt', got {text!r}")
         self.aggregate = aggregate
@@ -157,17 +156,11 @@ class EmbedSelector(Selector[Paired]):
     ) -> Selection:
         if features is None:
             raise ValueError("embed needs sentence embeddings (the pipeline's features stage)")
-        P = features.pool.rows([e.id for e in pool])
-        Q = features.validation.rows([e.id for e in target.validation])
+        P, Q = features.matrices(pool, target.validation)
         diag = {"aggregate": self.aggregate, "model": self.embeddings.model}
         if self.aggregate == "max":
             top, val, how = max_cosine(P, Q, budget)
             diag["search"] = how
         else:
             top, val, _ = mean_cosine(P, Q, budget)
-        chosen = [pool[i] for i in top]
-        return Selection(
-            ids=[e.id for e in chosen],
-            scores=val.tolist(),
-            diagnostics={"composition": composition(chosen), **diag},
-        )
+        return Selection.of(pool, top, val.tolist(), **diag)

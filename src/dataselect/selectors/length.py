@@ -22,7 +22,7 @@ from dataselect.data.records import Example
 from dataselect.data.targets import Target
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.keys import model_spec, pool_spec
-from dataselect.selectors.base import Selection, Selector, composition
+from dataselect.selectors.base import Selection, Selector, one_of
 from dataselect.selectors.ranking import top_k
 
 BY = ("answer", "total")
@@ -52,8 +52,7 @@ class LengthSelector(Selector[dict[str, tuple[int, int]]]):
     name = "length"
 
     def __init__(self, by: str = "answer"):
-        if by not in BY:
-            raise ValueError(f"length: by must be one of {BY}, got {by!r}")
+        one_of("length", "by", by, BY)
         self.by = by
 
     def request(self) -> TokenCounts:
@@ -72,14 +71,11 @@ class LengthSelector(Selector[dict[str, tuple[int, int]]]):
         col = BY.index(self.by)
         score = np.array([features[e.id][col] for e in pool], dtype=np.float64)
         top, val = top_k(score, budget, 0.0, lambda p: score[p])  # integers: exact
-        chosen = [pool[i] for i in top]
-        return Selection(
-            ids=[e.id for e in chosen],
-            scores=val.tolist(),
-            diagnostics={
-                "composition": composition(chosen),
-                "by": self.by,
-                "tokens_mean_pool": float(score.mean()),
-                "tokens_mean_selected": float(val.mean()),
-            },
+        return Selection.of(
+            pool,
+            top,
+            val.tolist(),
+            by=self.by,
+            tokens_mean_pool=float(score.mean()),
+            tokens_mean_selected=float(val.mean()),
         )

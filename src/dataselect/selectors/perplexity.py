@@ -34,7 +34,7 @@ from dataselect.features.passes import (
 )
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.keys import artifact_key, pool_spec
-from dataselect.selectors.base import Selection, Selector, composition
+from dataselect.selectors.base import Selection, Selector, one_of
 from dataselect.selectors.ranking import top_k
 
 MODES = ("highest", "lowest", "middle")
@@ -94,8 +94,7 @@ class PerplexitySelector(Selector[Table]):
     name = "perplexity"
 
     def __init__(self, mode: str = "middle", model: str = "base", checkpoint: int | None = None):
-        if mode not in MODES:
-            raise ValueError(f"perplexity: mode must be one of {MODES}, got {mode!r}")
+        one_of("perplexity", "mode", mode, MODES)
         self.mode = mode
         self.losses = ExampleLosses(model, checkpoint)
 
@@ -114,18 +113,15 @@ class PerplexitySelector(Selector[Table]):
             raise ValueError("perplexity needs per-example losses (the pipeline's features stage)")
         loss = features.rows([e.id for e in pool]).astype(np.float64)
         top = pick(loss, budget, self.mode)
-        chosen = [pool[i] for i in top]
-        return Selection(
-            ids=[e.id for e in chosen],
-            scores=loss[top].tolist(),  # the loss itself (not the ranking key)
-            diagnostics={
-                "composition": composition(chosen),
-                "mode": self.mode,
-                "model": self.losses.model,
-                "loss_mean_pool": float(loss.mean()),
-                "loss_mean_selected": float(loss[top].mean()),
-                "loss_median_pool": float(np.median(loss)),
-            },
+        return Selection.of(
+            pool,
+            top,
+            loss[top].tolist(),
+            mode=self.mode,
+            model=self.losses.model,
+            loss_mean_pool=float(loss.mean()),
+            loss_mean_selected=float(loss[top].mean()),
+            loss_median_pool=float(np.median(loss)),
         )
 
 

@@ -44,7 +44,7 @@ from dataselect.features.passes import (
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.features.stores import validation_tokens
 from dataselect.keys import artifact_key, pool_spec, validation_spec
-from dataselect.selectors.base import Selection, Selector, composition, subtask_groups
+from dataselect.selectors.base import Selection, Selector, one_of, subtask_groups
 from dataselect.selectors.similarity import round_robin, subtask_mean_max
 
 POOLINGS = {"weighted_mean": weighted_mean_state, "last_token": last_token_state}
@@ -131,11 +131,9 @@ class RDSSelector(Selector[Paired]):
         model: str = "base",
         checkpoint: int | None = None,
     ):
-        if variant not in VARIANTS:
-            raise ValueError(f"rds: variant must be one of {list(VARIANTS)}, got {variant!r}")
+        one_of("rds", "variant", variant, VARIANTS)
         pooling = pooling or VARIANTS[variant]
-        if pooling not in POOLINGS:
-            raise ValueError(f"rds: pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        one_of("rds", "pooling", pooling, POOLINGS)
         self.variant = variant
         self.name = variant  # rds | rds_plus: two rows of a paper table, kept apart
         self.states = HiddenStates(pooling, model, checkpoint)
@@ -153,8 +151,7 @@ class RDSSelector(Selector[Paired]):
     ) -> Selection:
         if features is None:
             raise ValueError("rds needs hidden states (the pipeline's features stage)")
-        P = features.pool.rows([e.id for e in pool])
-        Q = features.validation.rows([e.id for e in target.validation])
+        P, Q = features.matrices(pool, target.validation)
         diag = {"variant": self.variant, "pooling": self.states.pooling, "model": self.states.model}
         if self.variant == "rds_plus":
             ends = np.cumsum([0] + [len(t.validation) for t in target.tasks])
@@ -166,9 +163,4 @@ class RDSSelector(Selector[Paired]):
             names, groups = subtask_groups(target.validation)
             top, val, winner = subtask_mean_max(P, Q, groups, budget)
             diag["subtask_of_max"] = dict(Counter(names[j] for j in winner).most_common())
-        chosen = [pool[i] for i in top]
-        return Selection(
-            ids=[e.id for e in chosen],
-            scores=val.tolist(),
-            diagnostics={"composition": composition(chosen), **diag},
-        )
+        return Selection.of(pool, top, val.tolist(), **diag)
