@@ -286,3 +286,20 @@ def test_lm_pass_matches_the_full_forward_with_and_without_lora(
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     assert not np.allclose(check(adapted), base_loss)  # the adapter was in the pass
+
+
+def test_a_non_finite_pass_names_its_examples_and_leaves_no_trusted_entry(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dataselect.context import RunContext
+    from dataselect.features.passes import table
+
+    ctx = RunContext(OmegaConf.create({"paths": {"cache_dir": str(tmp_path / "cache")}}))
+    bad = lambda: np.array([[1.0, 2.0], [np.nan, 0.0], [3.0, 4.0]])  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r"non-finite values for examples \['b'\]"):
+        table(ctx, "pool_loss", "k1", ["a", "b", "c"], bad, "pool", 3)
+    assert not list((tmp_path / "cache" / "pool_loss").glob("[!.]*"))  # nothing complete
+    good = lambda: np.array([[1.0, 2.0], [0.5, 0.0], [3.0, 4.0]])  # noqa: E731
+    tab, art = table(ctx, "pool_loss", "k1", ["a", "b", "c"], good, "pool", 3)
+    assert tab.rows(["c", "a"]).tolist() == [[3.0, 4.0], [1.0, 2.0]]
+    assert art.cost == "pool" and art.bytes_per_pool_example == 6 * 8 / 3
