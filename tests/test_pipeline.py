@@ -82,10 +82,22 @@ def test_all_stages_write_outputs(first_run):
     sel = [json.loads(x) for x in (out / "selection.jsonl").read_text().splitlines()]
     assert [r["rank"] for r in sel] == list(range(8)) and len({r["id"] for r in sel}) == 8
     saved = json.loads((out / "metrics.json").read_text())
+    items = [json.loads(x) for x in (out / "target_loss.jsonl").read_text().splitlines()]
     for which in ("finetuned", "base"):
         r = saved[which]["gsm_symbolic"]
         assert r["n"] == 3 and 0.0 <= r["value"] <= 1.0
+        # the target loss covers every test item (loss_limit: null), whatever evaluator.limit
+        mine = [x["nll"] for x in items if x["model"] == which]
+        loss = r["target_loss"]
+        assert loss["n"] == len(mine) == m["target_sizes"]["test"] > 3
+        assert loss["value"] == pytest.approx(sum(mine) / len(mine)) and loss["stderr"] > 0
+    assert "target loss" in (out / "results.md").read_text()
     assert saved["sizes"]["budget"] == 8 and saved["sizes"]["pool"] == 40
+    cands = saved["candidate_sources"]  # base rates: what the selector chose from
+    assert sum(cands.values()) == saved["sizes"]["candidates"] and set(cands) == {
+        "reasoning_gym/chain_sum",
+        "reasoning_gym/gsm_symbolic",
+    }
     assert (out / "results.md").read_text().count("gsm_symbolic") == 2
     assert not (tmp / "cache" / "warmup").exists()
 
@@ -312,6 +324,12 @@ def test_report_on_a_real_multirun(tmp_path):
 
     sweep = tmp_path / "multi"
     metrics = multirun(tmp_path, "selector=random,less", "seed=0,1", "warmup.seed=0")
+    # the sweep wrote its own report when it ended (hydra callback), the effect table too
+    effect = (sweep / "report" / "effect.md").read_text()
+    assert effect.count("| gsm_symbolic | less (8, seed ") == 2
+    assert effect.count("| gsm_symbolic | random (8, seed ") == 2
+    assert effect.count("| gsm_symbolic | base (no fine-tuning) |") == 1
+    (sweep / "report" / "effect.md").unlink()
     report = subprocess.run(
         [sys.executable, "-m", "dataselect.report.cli", str(sweep)],
         capture_output=True,
@@ -330,8 +348,21 @@ def test_report_on_a_real_multirun(tmp_path):
         assert rows[sel].n_seeds == 2
         assert rows[sel].mean == pytest.approx(statistics.mean(values))
         assert rows[sel].std == pytest.approx(statistics.stdev(values))
+        losses = [
+            m["finetuned"]["gsm_symbolic"]["target_loss"]["value"]
+            for m in metrics
+            if m["selector"] == sel
+        ]
+        assert rows[sel].loss == pytest.approx(statistics.mean(losses))
+        assert rows[sel].loss_std == pytest.approx(statistics.stdev(losses))
     assert rows["less"].delta_vs_random == pytest.approx(rows["less"].mean - rows["random"].mean)
+    assert rows["less"].loss_delta_vs_random == pytest.approx(
+        rows["less"].loss - rows["random"].loss
+    )
     md = (sweep / "report" / "report.md").read_text()
+    assert "| target loss | Δ loss vs random |" in md
+    assert f"{rows['less'].loss:.3f} ± {rows['less'].loss_std:.3f}" in md
+    assert (sweep / "report" / "effect.md").is_file()  # dataselect-report writes it as well
     assert md.count("| gsm_symbolic") == 3 and "random" in md and "less" in md
     for name in ("report.tex", "report.csv", "summary.csv", "accuracy_vs_budget.png"):
         assert (sweep / "report" / name).stat().st_size > 0

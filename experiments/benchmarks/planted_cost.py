@@ -1,7 +1,8 @@
 """Cheap vs expensive: planted-benchmark precision of every selector against what it costs.
 
-Reads the ``planted.json`` files that ``experiments/planted/run_planted.py`` writes (one row
-per family x selector x seed, with the run's own cost ledger) and prints, per selector:
+Reads the ``planted.jsonl`` (or older ``planted.json``) files that
+``experiments/planted/run_planted.py`` writes (one row per family x selector x seed x budget,
+with the run's own cost ledger; ``--budget`` keeps one budget) and prints, per selector:
 precision per family and its mean, the seconds to build what the selection rests on from
 scratch (warmup + pool passes: shared by every target that reuses them), the seconds a new
 target costs (its validation side + the selection), and the bytes stored per pool example.
@@ -27,13 +28,24 @@ from pathlib import Path
 from statistics import mean, median
 
 
-def load(dirs: list[Path]) -> list[dict]:
+def load(dirs: list[Path], budget: float | None = None) -> list[dict]:
+    """The rows of each dir's planted.json (the old script) or planted.jsonl (run_planted.py
+    now, one row per line, several budgets: ``budget`` keeps one ``budget_cfg``)."""
     rows = []
     for d in dirs:
-        path = d / "planted.json" if d.is_dir() else d
+        path = next((d / n for n in ("planted.jsonl", "planted.json") if (d / n).is_file()), d)
         if not path.is_file():
-            raise SystemExit(f"{path}: no planted.json (run experiments/planted/run_planted.py)")
-        rows += json.loads(path.read_text())
+            raise SystemExit(f"{path}: no planted.json(l) (run experiments/planted/run_planted.py)")
+        text = path.read_text()
+        rows += (
+            json.loads(text)
+            if path.suffix == ".json"
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+    if budget is not None:
+        rows = [r for r in rows if r.get("budget_cfg") == budget]
+    elif len({r.get("budget_cfg") for r in rows}) > 1:
+        raise SystemExit("rows at several budgets: pick one with --budget")
     return rows
 
 
@@ -138,10 +150,11 @@ def main() -> None:
     ap.add_argument("dirs", nargs="+", type=Path, help="run_planted.py --out dirs")
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--costs", type=Path, default=None, help="a run_planted.py dir: its costs")
+    ap.add_argument("--budget", type=float, default=None, help="keep the rows at this budget")
     args = ap.parse_args()
-    rows = load(args.dirs)
+    rows = load(args.dirs, args.budget)
     if args.costs:
-        rows = with_costs(rows, load([args.costs]))
+        rows = with_costs(rows, load([args.costs], args.budget))
     families, summary = summarize(rows)
     base = mean(r["base_rate"] for r in rows)
     print(table(families, summary, base))

@@ -46,6 +46,20 @@ def scalars(tree: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def evaluation_summary(metrics: dict) -> dict[str, float]:
+    """W&B summary keys of the evaluation: ``finetuned/<task>`` (accuracy, with ``_stderr``)
+    and ``finetuned/<task>/target_loss`` (with ``_stderr``); the same for ``base``."""
+    out: dict[str, float] = {}
+    for k in ("finetuned", "base"):
+        for task, m in (metrics.get(k) or {}).items():
+            out[f"{k}/{task}"] = m["value"]
+            out[f"{k}/{task}_stderr"] = m["stderr"]
+            if "target_loss" in m:
+                out[f"{k}/{task}/target_loss"] = m["target_loss"]["value"]
+                out[f"{k}/{task}/target_loss_stderr"] = m["target_loss"]["stderr"]
+    return out
+
+
 def main_cfg(cfg: DictConfig) -> dict:
     if cfg.dry_run:  # the stages, cache status and estimated cost; nothing is trained
         from dataselect import plan
@@ -61,13 +75,7 @@ def main_cfg(cfg: DictConfig) -> dict:
             out = Path(cfg.paths.output_dir)
             (out / "results.md").write_text(print_results(metrics) + "\n")
             write_csv(metrics, out / "results.csv")
-            tracker.summary(
-                {
-                    f"{k}/{b}": m["value"]
-                    for k in ("finetuned", "base")
-                    for b, m in (metrics.get(k) or {}).items()
-                }
-            )
+            tracker.summary(evaluation_summary(metrics))
         tracker.summary(scalars({k: metrics.get(k) for k in ("diagnostics", "cost", "sizes")}))
         hits = [s for s, hit in metrics["cache_hits"].items() if hit]
         log.info(

@@ -126,6 +126,9 @@ class EvaluatorConfig:
     apply_chat_template: bool = True
     num_fewshot: int | None = None
     include_base: bool = True  # also score the base model (no fine-tuning) on the same items
+    # test items per benchmark for the target loss (one forward pass each, so it can cover
+    # many more than generation); null = all; an int or a per-task mapping as ``limit``
+    loss_limit: Any = None
 
 
 @dataclass

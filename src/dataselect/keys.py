@@ -16,6 +16,8 @@ from dataselect.config import task_config
 # code would not build. 2: shard-aligned featurize batches, (seed, epoch) shuffles, resumable
 # training checkpoints.
 ARTIFACTS_VERSION = 2
+# bump when the evaluate artifact's target loss changes meaning (1: mean answer-token NLL)
+TARGET_LOSS_FORMAT = 1
 
 # Salted into selection keys only (selections are cheap to redo; warmups and stores are not).
 # Bump it when selector code changes what a selection holds for the same features. 1: canonical
@@ -143,5 +145,6 @@ def evaluate_key(cfg: DictConfig, adapter_key: str | None) -> str:
             "adapter": adapter_key,
             "evaluator": ev,
             "target": target_spec(cfg),
+            "target_loss": TARGET_LOSS_FORMAT,
         }
     )

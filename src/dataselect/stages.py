@@ -249,6 +249,10 @@ def select_build(ctx: RunContext, inputs: RunInputs, up: Upstream) -> StageResul
         "selection_sources": dict(
             sorted(Counter(source_of[i] for i in ids).items(), key=lambda kv: -kv[1])
         ),
+        # what the selector chose from (after decontamination): each source's base rate
+        "candidate_sources": dict(
+            sorted(Counter(e.source for e in cands).items(), key=lambda kv: -kv[1])
+        ),
         "diagnostics": json.loads((art.path / "diagnostics.json").read_text()),
     }
     eigvals = metrics["diagnostics"].get("eigvals")
@@ -344,8 +348,9 @@ def evaluate_estimate(cfg, selector: Selector, sizes: Sizes, up: Upstream, key) 
 
 
 def evaluate_one(ctx: RunContext, target: Target, adapter_run: Path | None, stage: str):
-    """Score the base model plus adapter (or the base alone) on the target's test set."""
-    from dataselect.evaluation import aggregate, evaluate
+    """Score the base model plus adapter (or the base alone) on the target's test set:
+    accuracy with lm-eval, and the target loss of the reference answers."""
+    from dataselect.evaluation import aggregate, evaluate, loss
     from dataselect.evaluation.tasks import task_benchmarks
     from dataselect.training import list_checkpoints
 
@@ -357,20 +362,40 @@ def evaluate_one(ctx: RunContext, target: Target, adapter_run: Path | None, stag
             last = list_checkpoints(adapter_run)[-1]
             model = models.with_adapter(model, last / "adapter").merge_and_unload()
         model.eval()
-        benches = {t.name: task_benchmarks(t) for t in eval_tasks(cfg, target)}
+        tasks_ = eval_tasks(cfg, target)
+        benches = {t.name: task_benchmarks(t) for t in tasks_}
         flat = [b for bs in benches.values() for b in bs]
         results = evaluate(model, ctx.tokenizer, flat, cfg.evaluator, work / "lm_eval")
         with open(work / "samples.jsonl", "w") as fh:
             for name, r in results.items():
                 for s in r.pop("samples", []):
                     fh.write(json.dumps({"benchmark": name, **s}) + "\n")
-        tasks = {
-            task: aggregate({b.name.split("/", 1)[-1]: results[b.name] for b in bs})
-            if len(bs) > 1
-            else results[bs[0].name]
-            for task, bs in benches.items()
-        }
-        write_json(work / "metrics.json", tasks)
+        losses: dict[str, list[dict]] = {}
+        for t in tasks_:
+            losses.update(
+                loss.target_losses(
+                    model,
+                    ctx.tokenizer,
+                    benches[t.name],
+                    t.max_length or cfg.model.max_length,
+                    cfg.evaluator.loss_limit,
+                    int(cfg.evaluator.seed),
+                    int(cfg.evaluator.batch_size),
+                )
+            )
+        with open(work / "target_loss.jsonl", "w") as fh:
+            for name, items in losses.items():
+                for it in items:
+                    fh.write(json.dumps({"benchmark": name, **it}) + "\n")
+        out = {}
+        for task, bs in benches.items():
+            per = {b.name: loss.summarize(losses[b.name]) for b in bs}
+            if len(bs) > 1:
+                out[task] = aggregate({b.name.split("/", 1)[-1]: results[b.name] for b in bs})
+                out[task]["target_loss"] = loss.aggregate(per)
+            else:
+                out[task] = {**results[bs[0].name], "target_loss": per[bs[0].name]}
+        write_json(work / "metrics.json", out)
 
     key = evaluate_key(cfg, adapter_run.name if adapter_run is not None else None)
     art = ctx.artifact(stage, key, build, resume=True)  # finished benchmarks are kept
@@ -378,12 +403,21 @@ def evaluate_one(ctx: RunContext, target: Target, adapter_run: Path | None, stag
 
 
 def evaluate_build(ctx: RunContext, inputs: RunInputs, up: Upstream) -> StageResult:
+    """The fine-tuned (and base) model's scores; each one's per-item target losses are
+    copied into the run dir as ``target_loss.jsonl`` (``model``: finetuned | base), so a
+    report can pair two runs item by item."""
     art, tuned = evaluate_one(ctx, inputs.target, up["finetune"].value, "evaluate")
     out = StageResult(art.path.name, [art], metrics={"finetuned": tuned})
+    arts = [("finetuned", art)]
     if ctx.cfg.evaluator.include_base:
         base_art, base = evaluate_one(ctx, inputs.target, None, "evaluate_base")
         out.artifacts.append(base_art)
         out.metrics["base"] = base
+        arts.append(("base", base_art))
+    with open(ctx.out_dir / "target_loss.jsonl", "w") as fh:
+        for which, a in arts:
+            for line in (a.path / "target_loss.jsonl").read_text().splitlines():
+                fh.write(json.dumps({"model": which, **json.loads(line)}) + "\n")
     return out
 
 

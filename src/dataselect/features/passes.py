@@ -169,17 +169,23 @@ def lm_pass(
     return np.stack(rows) if rows else np.zeros((0,))
 
 
-def answer_loss(h: torch.Tensor, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
-    """(B,) mean next-token cross-entropy over each example's answer tokens (the training
-    loss of that example alone): log perplexity. The vocabulary projection runs on the
-    answer positions only."""
+def answer_nll(h: torch.Tensor, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
+    """(B, 2): each example's next-token cross-entropy summed over its answer tokens, and the
+    number of those tokens. The vocabulary projection runs on the answer positions only."""
     labels = batch["labels"][:, 1:]
     scored = labels != -100
     rows = torch.nonzero(scored)[:, 0]
     logits = model.get_output_embeddings()(h[:, :-1][scored]).float()
     nll = torch.nn.functional.cross_entropy(logits, labels[scored], reduction="none")
     total = torch.zeros(h.shape[0], device=h.device).index_add_(0, rows, nll)
-    return total / scored.sum(1).clamp(min=1)
+    return torch.stack([total, scored.sum(1).to(total.dtype)], dim=1)
+
+
+def answer_loss(h: torch.Tensor, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy over each example's answer tokens (the training
+    loss of that example alone): log perplexity."""
+    total, count = answer_nll(h, batch, model).unbind(1)
+    return total / count.clamp(min=1)
 
 
 def last_token_state(h: torch.Tensor, batch: dict[str, torch.Tensor], model=None) -> torch.Tensor:

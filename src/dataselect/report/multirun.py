@@ -2,7 +2,9 @@
 seeds, written as markdown, LaTeX, CSV and two plots.
 
 Units: RunRecord and report.csv keep metrics.json's fractions (0-1); Row, the tables and
-summary.csv are in percent (points), the unit papers print and ``reference`` uses.
+summary.csv are in percent (points), the unit papers print and ``reference`` uses. The target
+loss (mean answer-token NLL of the test items' reference answers, in nats) is reported as is;
+lower is better, so a selector that helps has a negative delta vs random.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ BASE = "base (no fine-tuning)"
 METHOD = "method"  # reference key: the selector whose number the bare "<task>" keys are
 RUN_COLUMNS = ["dir", "model", "task", "selector", "budget_cfg", "budget", "seed"]
 RUN_COLUMNS += ["value", "stderr", "micro", "n"]  # report.csv, one line per run and task
+RUN_COLUMNS += ["loss", "loss_stderr", "loss_n"]
 SINGLE = "†"  # marks a one-seed row: its ± is the evaluation's stderr, not a std over seeds
 
 
@@ -53,6 +56,11 @@ class RunRecord:
     base: float | None
     base_stderr: float | None
     base_micro: float | None
+    loss: float | None  # target loss of the fine-tuned model
+    loss_stderr: float | None
+    loss_n: int | None
+    base_loss: float | None
+    base_loss_stderr: float | None
     reference: dict[str, Any]
     sources: dict[str, int]
     overrides: tuple[str, ...]
@@ -87,6 +95,10 @@ class Row:
     micro: float | None
     delta_vs_random: float | None  # mean - random's mean at the same model/task/budget
     paper: float | None
+    loss: float | None = None  # target loss: mean over seeds
+    loss_std: float | None = None  # over seeds (ddof=1); None with one seed
+    loss_stderr: float | None = None  # the single run's evaluation stderr, one seed only
+    loss_delta_vs_random: float | None = None
 
 
 def _num(x: Any) -> float | None:
@@ -126,6 +138,10 @@ def load_run(run_dir: Path) -> list[RunRecord]:
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else None
     sizes, base = m.get("sizes") or {}, m.get("base") or {}
+
+    def loss(res: dict | None, key: str) -> Any:
+        return ((res or {}).get("target_loss") or {}).get(key)
+
     return [
         RunRecord(
             dir=run_dir,
@@ -142,6 +158,11 @@ def load_run(run_dir: Path) -> list[RunRecord]:
             base=_num((base.get(task) or {}).get("value")),
             base_stderr=_num((base.get(task) or {}).get("stderr")),
             base_micro=_num((base.get(task) or {}).get("micro")),
+            loss=_num(loss(res, "value")),
+            loss_stderr=_num(loss(res, "stderr")),
+            loss_n=loss(res, "n"),
+            base_loss=_num(loss(base.get(task), "value")),
+            base_loss_stderr=_num(loss(base.get(task), "stderr")),
             reference=m.get("reference") or {},
             sources=m.get("selection_sources") or {},
             overrides=tuple(overrides or ()),
@@ -245,6 +266,18 @@ def _spread(values: list[float], stderr: float | None) -> dict[str, Any]:
     }
 
 
+def _losses(values: list[float | None], stderr: float | None) -> dict[str, Any]:
+    """Row fields of the target loss: mean over seeds, std (or the one run's stderr)."""
+    xs = [x for x in values if x is not None]
+    if not xs:
+        return {}
+    return {
+        "loss": statistics.fmean(xs),
+        "loss_std": statistics.stdev(xs) if len(xs) > 1 else None,
+        "loss_stderr": stderr if len(xs) == 1 else None,
+    }
+
+
 def summarize(records: list[RunRecord]) -> list[Row]:
     """Group by (model, task, selector, budget); mean and std over seeds, delta vs random;
     one base row per (model, task) from the distinct base values."""
@@ -260,6 +293,9 @@ def summarize(records: list[RunRecord]) -> list[Row]:
         for (m, t, s, b), rs in groups.items()
         if s == RANDOM
     }
+    random_loss = {
+        (m, t, b): _mean([r.loss for r in rs]) for (m, t, s, b), rs in groups.items() if s == RANDOM
+    }
     rows = []
     for (model, task, selector, budget_cfg), rs in groups.items():
         seeds = [r.seed for r in rs]
@@ -271,6 +307,10 @@ def summarize(records: list[RunRecord]) -> list[Row]:
         spread = _spread([100 * r.value for r in rs], _pct(rs[0].stderr))
         ref = random_mean.get((model, task, budget_cfg))
         delta = None if selector == RANDOM or ref is None else spread["mean"] - ref
+        losses = _losses([r.loss for r in rs], rs[0].loss_stderr)
+        ref_loss = random_loss.get((model, task, budget_cfg))
+        if selector != RANDOM and ref_loss is not None and losses.get("loss") is not None:
+            losses["loss_delta_vs_random"] = losses["loss"] - ref_loss
         rows.append(
             Row(
                 model=model,
@@ -282,6 +322,7 @@ def summarize(records: list[RunRecord]) -> list[Row]:
                 delta_vs_random=delta,
                 paper=_paper(rs, selector, task),
                 **spread,
+                **losses,
             )
         )
     for (model, task), distinct in bases.items():
@@ -298,6 +339,7 @@ def summarize(records: list[RunRecord]) -> list[Row]:
                 delta_vs_random=None,
                 paper=_paper(mine, "base", task),
                 **_spread([100 * v for v in distinct], _pct(first.base_stderr)),
+                **_losses([first.base_loss], first.base_loss_stderr),
             )
         )
     return sorted(rows, key=row_key)
@@ -316,6 +358,11 @@ def _cells(row: Row) -> dict[str, str]:
     if row.std is None and err is not None:
         acc += SINGLE
     delta = row.delta_vs_random
+    loss_err = row.loss_std if row.loss_std is not None else row.loss_stderr
+    loss = "" if row.loss is None else f"{row.loss:.3f}"
+    if row.loss is not None and loss_err is not None:
+        loss += f" ± {loss_err:.3f}" + (SINGLE if row.loss_std is None else "")
+    dl = row.loss_delta_vs_random
     return {
         "task": row.task,
         "model": row.model,
@@ -327,6 +374,8 @@ def _cells(row: Row) -> dict[str, str]:
         "seeds": str(row.n_seeds),
         "delta": "—" if delta is None else f"{delta:+.1f}",
         "paper": "" if row.paper is None else f"{row.paper:.1f}",
+        "loss": loss,
+        "loss_delta": "—" if dl is None else f"{dl:+.3f}",
     }
 
 
@@ -344,6 +393,11 @@ def _columns(rows: list[Row]) -> list[tuple[str, str, str]]:
     if any(r.micro is not None for r in rows):
         cols.append(("micro", "micro (%)", r"Micro (\%)"))
     cols += [("seeds", "seeds", "Seeds"), ("delta", "Δ vs random", r"$\Delta$ vs random")]
+    if any(r.loss is not None for r in rows):
+        cols += [
+            ("loss", "target loss", "Target loss"),
+            ("loss_delta", "Δ loss vs random", r"$\Delta$ loss vs random"),
+        ]
     if any(r.paper is not None for r in rows):
         cols.append(("paper", "paper", "Paper"))
     return cols
@@ -576,6 +630,17 @@ def write_report(
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
 
+    if any(r.loss is not None for r in sweep.records):
+        from dataselect.report import effect
+
+        erows = effect.effect_rows(sorted({r.dir for r in sweep.records}, key=_natural))
+        paths["effect"] = out / "effect.md"
+        paths["effect"].write_text(
+            "## Against random and the base model (95% intervals)\n\n"
+            + effect.to_markdown(erows)
+            + f"\n{effect.NOTE}\n"
+        )
+        (out / "effect.json").write_text(json.dumps(effect.summary(erows), indent=1))
     paths["accuracy_vs_budget"] = plot_accuracy_vs_budget(rows, out / "accuracy_vs_budget.png")
     comp = plot_composition(sweep.records, out / "composition.png")
     if comp is None:

@@ -1,4 +1,5 @@
-"""The results table a run prints: selector, budget, target, accuracy +- stderr, n."""
+"""The results table a run prints: selector, budget, target, accuracy and target loss (each
++- its stderr), n."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-COLUMNS = ["selector", "budget", "target", "model", "accuracy", "n"]
+COLUMNS = ["selector", "budget", "target", "model", "accuracy", "n", "target loss", "loss n"]
+TEXT = COLUMNS[:4]
+
+
+def _pm(value: float, err: float, digits: int) -> str:
+    return f"{value:.{digits}f}" + ("" if math.isnan(err) else f" +- {err:.{digits}f}")
 
 
 def result_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
@@ -19,16 +25,17 @@ def result_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     share = budget / metrics["sizes"]["candidates"]
     for which, label in (("finetuned", "fine-tuned"), ("base", "base (no fine-tuning)")):
         for bench, m in (metrics.get(which) or {}).items():
-            err = m["stderr"]
-            acc = f"{100 * m['value']:.1f}" + ("" if math.isnan(err) else f" +- {100 * err:.1f}")
+            loss = m.get("target_loss")
             rows.append(
                 {
                     "selector": metrics["selector"] if which == "finetuned" else "-",
                     "budget": f"{budget} ({100 * share:.1f}%)" if which == "finetuned" else "-",
                     "target": bench,
                     "model": label,
-                    "accuracy": acc,
+                    "accuracy": _pm(100 * m["value"], 100 * float(m["stderr"]), 1),
                     "n": str(m["n"]),
+                    "target loss": "" if loss is None else _pm(loss["value"], loss["stderr"], 3),
+                    "loss n": "" if loss is None else str(loss["n"]),
                 }
             )
     return rows
@@ -46,7 +53,7 @@ def print_results(metrics: dict[str, Any], console: Console | None = None) -> st
     rows = result_rows(metrics)
     table = Table(title=f"dataselect results ({metrics['model_name']})")
     for c in COLUMNS:
-        table.add_column(c, justify="right" if c in ("accuracy", "n") else "left")
+        table.add_column(c, justify="left" if c in TEXT else "right")
     for r in rows:
         table.add_row(*(r[c] for c in COLUMNS))
     (console or Console()).print(table)
