@@ -204,3 +204,29 @@ def test_infinity_instruct_and_jsonl_presets_compose(tmp_path):
     assert spec.cap == ii.size and spec.on_error == "skip"
     jsonl = compose_pool("jsonl", tmp_path)
     assert jsonl.name == "jsonl" and list(jsonl.sources) == []
+
+
+def test_a_pool_extends_another_with_extra_sources(tmp_path):
+    """cpu_table = the planted pool's 55 families (its defaults list) + GSM8K train; the
+    extra sources are read after the others and are part of the pool's cache key."""
+    from omegaconf import OmegaConf
+
+    from dataselect.keys import pool_spec
+
+    table, planted = compose_pool("cpu_table", tmp_path), compose_pool("planted", tmp_path)
+    assert list(table.sources) == list(planted.sources) and len(planted.sources) >= 50
+    assert [s.kind for s in table.extra_sources] == ["gsm8k"]
+    spec = pool_spec(OmegaConf.create({"pool": table}))
+    assert spec["sources"][-1]["kind"] == "gsm8k" and len(spec["sources"]) == 56
+    small = OmegaConf.create(
+        {
+            "name": "small",
+            "sources": [{"kind": "reasoning_gym", "name": "chain_sum", "n": 3, "seed": 1}],
+            "extra_sources": [{"kind": "reasoning_gym", "name": "gcd", "n": 2, "seed": 2}],
+        }
+    )
+    pool = load_pool(small, tmp_path)
+    assert [e.source for e in pool] == ["reasoning_gym/chain_sum"] * 3 + ["reasoning_gym/gcd"] * 2
+    assert pool_spec(OmegaConf.create({"pool": small})) != pool_spec(
+        OmegaConf.create({"pool": {**OmegaConf.to_container(small), "extra_sources": []}})
+    )

@@ -159,6 +159,9 @@ class PathsConfig:
 class PoolConfig:
     name: str = MISSING
     sources: list[Any] = field(default_factory=list)
+    # appended to ``sources``: a pool extends another through its defaults list (a list
+    # would replace the other's, not add to it), e.g. conf/pool/cpu_table.yaml
+    extra_sources: list[Any] = field(default_factory=list)
     size: int | None = None  # expected size, for dry-run estimates when the pool can't be read
 
 
@@ -206,6 +209,11 @@ class RunConfig:
     # Published numbers a preset reproduces, e.g. {bbh: 41.5, random/bbh: 38.9, source: ...};
     # the report prints them beside ours.
     reference: dict[str, Any] | None = None
+
+
+def pool_sources(pool: Any) -> list[Any]:
+    """A pool's sources: ``sources`` then ``extra_sources``."""
+    return [*pool.sources, *(pool.get("extra_sources") or [])]
 
 
 def task_config(name: str, node: Any) -> DictConfig:

@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import Container, DictConfig, OmegaConf
 
 from dataselect.cache import digest
-from dataselect.config import task_config
+from dataselect.config import pool_sources, task_config
 
 # Salted into every key. Bump it when code changes what an artifact holds for the same config
 # (data order, batching, a file layout): a cache then never serves an artifact the current
@@ -48,7 +48,7 @@ def model_spec(cfg: DictConfig) -> dict:
 
 def pool_spec(cfg: DictConfig) -> dict:
     """What determines the pool's examples (``size`` is only an estimate for dry runs)."""
-    return {"name": cfg.pool.name, "sources": _plain(cfg.pool.sources)}
+    return {"name": cfg.pool.name, "sources": [_plain(s) for s in pool_sources(cfg.pool)]}
 
 
 def warmup_seed(cfg: DictConfig) -> int:

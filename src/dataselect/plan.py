@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dataselect import stages as graph
 from dataselect.cache import COMPLETE
+from dataselect.config import pool_sources
 from dataselect.context import Sizes
 from dataselect.keys import model_spec
 from dataselect.selectors.base import BudgetError
@@ -196,7 +197,7 @@ def rates(cfg: DictConfig, found: dict[str, list[tuple[float, int]]]) -> dict[st
 
 def _pool_not_local(cfg: DictConfig, data_dir: Path) -> str | None:
     """Why reading the pool would need the network (a dry run never downloads), or None."""
-    for s in cfg.pool.sources:
+    for s in pool_sources(cfg.pool):
         if s.kind == "hub":
             return f"hub dataset {s.path} (not read by a dry run)"
         if s.kind == "json":

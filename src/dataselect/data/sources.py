@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dataselect.config import pool_sources
 from dataselect.data.readers import (
     ON_ERROR,
     read_hub,
@@ -169,12 +170,13 @@ def load_pool(cfg, data_dir: Path) -> Examples:
     the candidates that overlap a target (``dataselect.data.targets.candidates``).
 
     ``pool.skipped`` counts the malformed records skipped (``on_error: skip``) per file."""
-    if not cfg.sources:
+    specs = pool_sources(cfg)
+    if not specs:
         raise RecordError(
             f"pool {cfg.name}: no sources; set pool.sources, e.g. "
             "'pool.sources=[{kind: json, path: /data/my_pool.jsonl}]'"
         )
-    pool = read_sources(list(cfg.sources), data_dir, f"pool {cfg.name}", "pool.sources")
+    pool = read_sources(specs, data_dir, f"pool {cfg.name}", "pool.sources")
     if pool.n_skipped:  # each source warned already; this is the pool's total
         log.info(
             "pool %s: %d examples read, %d malformed records skipped (%s)",

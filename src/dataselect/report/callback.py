@@ -1,10 +1,10 @@
 """A Hydra callback: when a multirun ends, write its report and print the tables.
 
 Registered in ``conf/config.yaml`` (``hydra.callbacks.report``), so every sweep, ``sweep=``
-presets and ``-m`` grids alike, ends with what ``dataselect-report <sweep dir>`` would print:
-the results table over seeds and, where runs report the target loss, each run against random
-and the base model with 95% intervals. A sweep with no finished run says so and exits as it
-would have.
+presets and ``-m`` grids alike, ends with the files ``dataselect-report <sweep dir>`` writes,
+and prints the effect table (each run against random and the base model, 95% intervals)
+where the runs report a target loss, else the results table over seeds. A sweep with no
+finished run says so and exits as it would have; a dry run writes nothing.
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from dataselect.report.multirun import ReportError, write_report
 
-        if not self.enabled or self.sweep_dir is None:
+        if not self.enabled or self.sweep_dir is None or config.get("dry_run"):
             return
         try:
             paths = write_report(self.sweep_dir, command=None)
         except ReportError as e:
             log.warning("no sweep report: %s", e)
             return
-        text = paths["md"].read_text()
-        if "effect" in paths:
-            text += "\n" + paths["effect"].read_text()
-        print(f"\n{text}\nreport: {paths['md'].parent}", flush=True)
+        # the effect table where the runs report a target loss, else the results table
+        text = paths.get("effect", paths["md"]).read_text()
+        print(f"\n{text}\nreport (tables, plots, CSV): {paths['md'].parent}", flush=True)
