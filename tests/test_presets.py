@@ -186,7 +186,7 @@ def test_mini_sweep_dry_runs_as_a_real_multirun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("dry run: ") == 8
     for sel in ("random", "less", "gist", "g2is"):
-        assert f"dry run: {sel} on quickstart (1,050 examples)" in proc.stdout
+        assert f"dry run: {sel} on rg15x70 (1,050 examples)" in proc.stdout
     jobs = sorted((tmp_path / "multi").glob("[0-9]*"))
     overrides = [(j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
     assert len(jobs) == 8 and sum("target=bbh" in o for o in overrides) == 4

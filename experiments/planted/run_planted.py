@@ -63,7 +63,7 @@ def family_overrides(family: str) -> list[str]:
     val = f"{{kind: reasoning_gym, name: {family}, n: 16, seed: 9001}}"
     test = f"{{kind: reasoning_gym, name: {family}, n: 4, seed: 19001}}"
     return [
-        "~target.gsm_symbolic",
+        "~target",  # whatever the preset's target is
         f"+target.planted_{family}={{validation: [{val}], test: [{test}]}}",
     ]
 
