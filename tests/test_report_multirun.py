@@ -260,3 +260,24 @@ def test_cli(sweep_dir, tmp_path, capsys):
     assert "no finished run" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 1
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_target_loss_columns_with_stderr_and_delta(tmp_path):
+    """One seed each: the loss cell is the run's mean ± its evaluation stderr (marked †),
+    the base row has its own, and Δ loss vs random is the difference of the means."""
+    from dataselect.report.multirun import collect_runs, summarize, to_markdown
+
+    def tl(value, stderr):
+        return {"metric": "target_loss", "value": value, "stderr": stderr, "n": 200}
+
+    base = {"gsm8k": result(0.05, 0.02, False) | {"target_loss": tl(3.9, 0.04)}}
+    for i, (sel, loss) in enumerate((("random", 2.3), ("less", 1.25))):
+        fin = {"gsm8k": result(0.1, 0.03, False) | {"target_loss": tl(loss, 0.031)}}
+        write_run(tmp_path / str(i), sel, 0.05, 0, fin, base=base)
+    rows = {r.selector: r for r in summarize(collect_runs(tmp_path).records)}
+    assert rows["less"].loss == 1.25 and rows["less"].loss_stderr == 0.031
+    assert rows["less"].loss_delta_vs_random == pytest.approx(-1.05)
+    assert rows["base (no fine-tuning)"].loss == 3.9
+    md = to_markdown(list(rows.values()))
+    assert "| target loss | Δ loss vs random |" in md
+    assert "1.250 ± 0.031† | -1.050 |" in md and "3.900 ± 0.040†" in md
