@@ -15,7 +15,7 @@ Every run goes through the real pipeline (stage=select) and its cache. The loop 
 (seed, selector, family, budget): a seed's warmup and a selector's pool pass (LESS / SGD
 stores, hidden states, losses, embeddings, indexes) are built on the first family and reused
 by every other; a new family costs only its validation side, shared by its two budgets. Each
-row is appended to ``<out>/planted.jsonl`` when done; rows already there are skipped, so a
+row is appended to ``--results``/planted.jsonl when done; rows already there are skipped, so a
 killed run resumes where it stopped.
 
 Default selectors: every selector and baseline but ``full`` (takes everything) and exact GIST
@@ -26,10 +26,12 @@ selector.aggregate=sum"), and the row's label. Hydra overrides after ``--`` go t
 (``pool=quickstart`` swaps the pool). Rows also carry the run ledger's costs (warmup + pool
 passes from scratch, per-target seconds, bytes per pool example: benchmarks/planted_cost.py).
 
-One command runs the benchmark (or resumes it) and writes outputs/planted_v2/planted.md (the
-table), planted.png (its plot) and planted.jsonl (the rows)::
+One command runs the benchmark (or resumes it) and writes experiments/planted/results/
+planted.md (the table), planted.png (its plot) and planted.jsonl (the rows). The rows are
+committed, so a later session (a fresh machine, an empty cache) resumes with the rows not yet
+there; the run dirs go to ``--out`` (outputs/planted_v2, not committed)::
 
-    python experiments/planted/run_planted.py -- paths.cache_dir=/work/cache_ds
+    python experiments/planted/run_planted.py            # [-- hydra overrides]
 
 ``--report-only`` rebuilds planted.md and planted.png from planted.jsonl without running.
 """
@@ -289,6 +291,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_report(out: Path) -> str:
+    """planted.md and planted.png beside ``out``/planted.jsonl."""
     rows = load_rows(out / "planted.jsonl")
     if not rows:
         raise SystemExit(f"{out / 'planted.jsonl'}: no rows")
@@ -310,11 +313,18 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budgets", nargs="+", type=number, default=[0.01, 0.05])
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "planted_v2")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "experiments" / "planted" / "results",
+        help="where planted.jsonl (the rows), planted.md and planted.png live",
+    )
     ap.add_argument("--report-only", action="store_true", help="table + plot from planted.jsonl")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides after --")
     args = ap.parse_args()
     failed = [] if args.report_only else run_all(args)
-    print(write_report(args.out), f"\n\n{args.out / 'planted.md'}, {args.out / 'planted.png'}")
+    md = write_report(args.results)
+    print(md, f"\n\n{args.results / 'planted.md'}, {args.results / 'planted.png'}")
     raise SystemExit(1 if failed else 0)
 
 
@@ -323,8 +333,8 @@ def run_all(args) -> list[tuple]:
     families = args.families or pool
     if set(families) - set(pool):
         raise SystemExit(f"not in the pool: {sorted(set(families) - set(pool))}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "planted.jsonl"
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / "planted.jsonl"
     done = {tuple(r[k] for k in KEY) for r in load_rows(path)}
     todo = [
         (fam, sel, seed, b)
