@@ -83,6 +83,34 @@ def test_energy_weighting_penalizes_gradients_outside_the_subspace(case):
     np.testing.assert_allclose(sel.scores, [1.0, 1 / np.sqrt(2), 1 / np.sqrt(26)], atol=1e-6)
 
 
+def test_the_gist_identity_at_full_rank():
+    """With k = rank(G) and one subtask, plain GIST scores cos(g, v_mean) x |g| / |P^T g|
+    (it rewards gradients whose energy lies outside the validation span), and the
+    energy-weighted variant scores exactly cos(g, v_mean): the diagnosis in ALGORITHMS.md,
+    checked on this implementation."""
+    rng = np.random.default_rng(3)
+    G = rng.normal(size=(6, 40))
+    g = rng.normal(size=(30, 40)) + 0.5 * G.mean(0)
+    sub = task_subspace(G, k=150)
+    assert sub.P.shape[1] == 6
+    val = [ex(f"v{i}") for i in range(6)]
+    pool = [ex(f"z{i}") for i in range(30)]
+    coords = GISTCoords(sub, [e.id for e in pool], g @ sub.P, np.linalg.norm(g, axis=1))
+    target = Target.single("t", val, val[:1])
+    v = G.mean(0)
+    cos = g @ v / (np.linalg.norm(g, axis=1) * np.linalg.norm(v))
+    inside = np.linalg.norm(g @ sub.P, axis=1)
+    plain = GISTSelector(k=150).select(pool, target, 30, seed=0, features=coords)
+    by_id = dict(zip(plain.ids, plain.scores, strict=True))
+    want = cos * np.linalg.norm(g, axis=1) / inside
+    np.testing.assert_allclose([by_id[e.id] for e in pool], want, rtol=1e-5)
+    energy = GISTSelector(k=150, energy_weight=True).select(pool, target, 30, 0, features=coords)
+    by_id = dict(zip(energy.ids, energy.scores, strict=True))
+    np.testing.assert_allclose([by_id[e.id] for e in pool], cos, rtol=1e-5)
+    # and so the two rank the pool differently
+    assert plain.ids[:10] != energy.ids[:10]
+
+
 def test_streaming_pass_never_holds_the_pool_gradients(tmp_path):
     """D ~ 2.1M and N = 1,000: N x D float32 would be 8.4 GB; peak RSS must stay far below."""
     script = textwrap.dedent(
