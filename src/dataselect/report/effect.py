@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dataselect.report.multirun import BASE, RANDOM
+
 Z = 1.959964  # two-sided 95%
 NOTE = (
     "Target loss: mean answer-token NLL of the test items' reference answers (nats; lower is"
     " better), mean ± 1.96 SE; Δ vs random is paired over the same items. Accuracy: Wilson"
     " interval; Δ unpaired. 'vs random': whether the loss intervals are apart."
 )
-RANDOM = "random"
 
 
 @dataclass
@@ -44,13 +45,6 @@ class Interval:
 
     def pct(self) -> str:
         return f"{100 * self.mean:.1f} [{100 * self.low:.1f}, {100 * self.high:.1f}]"
-
-
-def mean_interval(values: list[float]) -> Interval:
-    """Mean +- 1.96 standard errors (sample std / sqrt(n))."""
-    m = statistics.fmean(values)
-    half = Z * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return Interval(m, m - half, m + half)
 
 
 def wilson(p: float, n: int) -> Interval:
@@ -186,11 +180,11 @@ def effect_rows(run_dirs: list[Path]) -> list[EffectRow]:
             if base is not None and task not in bases:
                 btl = base.get("target_loss") or {}
                 bases[task] = EffectRow(
-                    task, "base (no fine-tuning)", None, None, "", _loss(base), None,
+                    task, BASE, None, None, "", _loss(base), None,
                     _acc(base), None, btl.get("n"), int(base["n"]),
                 )  # fmt: skip
     rows += bases.values()
-    order = {RANDOM: 1, "base (no fine-tuning)": 2}
+    order = {RANDOM: 1, BASE: 2}
     return sorted(
         rows, key=lambda r: (r.task, order.get(r.selector, 0), r.selector, r.budget or 0, r.seed)
     )
