@@ -257,7 +257,7 @@ def test_config_composes_and_instantiates():
     sel = instantiate(cfg.selector)
     assert isinstance(sel, G2ISSelector)
     assert (sel.graph, sel.fill, sel.delta, sel.checkpoint) == ("on_demand", "strict", 0.8, None)
-    assert (sel.orient, sel.normalize_validation) == ("mean", True)
+    assert (sel.orient, sel.normalize_validation, sel.center) == ("mean", True, True)
 
 
 def test_pipeline_runs_g2is_on_the_tiny_model(tmp_path):
@@ -348,3 +348,36 @@ def test_normalize_validation_reaches_the_selector(tmp_path):
         picks[on] = (sel.ids, sel.scores[0])
     assert picks[True][0] == ["py"] and picks[False][0] == ["px"]
     assert picks[True][1] > 0.95 and picks[False][1] > 0.95
+
+
+def test_uncentered_components_are_the_svd_of_the_rows():
+    rng = np.random.default_rng(5)
+    V = rng.normal(size=(12, 9)) + 4.0 * rng.normal(size=9)  # a shared direction + spread
+    core = core_knowledge(V, n_components=3, center=False)
+    _, s, Vt = np.linalg.svd(V, full_matrices=False)
+    np.testing.assert_allclose(np.abs(core.components @ Vt[:3].T), np.eye(3), atol=1e-10)
+    np.testing.assert_allclose(core.explained, (s**2 / (s**2).sum())[:3], rtol=1e-10)
+    mean = V.mean(0) / np.linalg.norm(V.mean(0))
+    assert core.components[0] @ mean > 0.99  # the shared direction leads, oriented along it
+    centered = core_knowledge(V, n_components=3)
+    assert abs(centered.components[0] @ mean) < 0.9  # centering removed it
+
+
+def test_center_reaches_the_selector(tmp_path):
+    """Validation rows (1, .2), (1, -.2), (1, .2), (1, -.2), all along x but for a +-y wobble.
+    Centered (the paper) the x parts cancel and the one component is y: the walk's top by dot is
+    py, an example of the wobble. Uncentered, the first component is x (96% of the energy): px,
+    the examples that share what the validation rows share. Budget 1, no graph."""
+    pool = [ex("px"), ex("py")]
+    train = store(tmp_path / "train", ["px", "py"], [(1.0, 0.0), (0.0, 1.0)])
+    val = [ex(f"v{i}") for i in range(4)]
+    rows = [(1.0, 0.2), (1.0, -0.2), (1.0, 0.2), (1.0, -0.2)]
+    vstore = store(tmp_path / "val", [e.id for e in val], rows)
+    feats = FeatureSet([CheckpointFeatures("epoch_1", 1e-5, train, vstore)])
+    target = Target.single("t", val, val[:1])
+    picks = {}
+    for center in (True, False):
+        sel = G2ISSelector(graph="none", center=center).select(pool, target, 1, 0, feats)
+        assert sel.diagnostics["center"] is center
+        picks[center] = sel.ids
+    assert picks == {True: ["py"], False: ["px"]}

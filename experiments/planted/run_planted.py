@@ -25,6 +25,8 @@ argument is an option name, optionally with its own overrides in one quoted argu
 selector.aggregate=sum"), and the row's label. Hydra overrides after ``--`` go to every run
 (``pool=quickstart`` swaps the pool). Rows also carry the run ledger's costs (warmup + pool
 passes from scratch, per-target seconds, bytes per pool example: benchmarks/planted_cost.py).
+Beside the faithful G2IS, three rows take it apart (they share its store, ~2 s a row): the
+uncentered PCA (``center=false``), no graph walk (``graph=none``), and both.
 
 One command runs the benchmark (or resumes it) and writes experiments/planted/results/
 planted.md (the table), planted.png (its plot) and planted.jsonl (the rows). The rows are
@@ -54,7 +56,8 @@ import dataselect.config  # noqa: F401  (registers the schema; the pipeline load
 
 ROOT = Path(__file__).resolve().parents[2]
 SELECTORS = [
-    "random", "less", "g2is", "gist selector.space=sketch",
+    "random", "less", "g2is", "g2is selector.center=false", "g2is selector.graph=none",
+    "g2is selector.graph=none selector.center=false", "gist selector.space=sketch",
     "gist selector.space=sketch selector.energy_weight=true", "bm25",
     "bm25 selector.aggregate=sum", "dsir", "embed", "rds", "rds_plus", "perplexity", "length",
 ]  # fmt: skip

@@ -3,7 +3,8 @@ gradient graph, along the principal directions of the target's validation gradie
 
     T  = pool Adam features (LESS, sketched) at one warmup checkpoint, L2-normalized
     V  = validation SGD gradients (all subtasks together: the components are the multi-task rule)
-    kv_1..kv_c = PCA(V, centered; rows L2-normalized first, as LESS saves them, unless
+    kv_1..kv_c = PCA(V, centered (``center=False``, not the paper: the SVD of V itself); rows
+                 L2-normalized first, as LESS saves them, unless
                  ``normalize_validation`` is off): the fewest components explaining
                  ``val_variance`` (or ``n_components``); w_j = explained-variance ratio,
                  renormalized to sum 1
@@ -64,10 +65,13 @@ def core_knowledge(
     n_components: int | None = None,
     orient: str = "mean",
     normalize: bool = False,
+    center: bool = True,
 ) -> CoreKnowledge:
-    """PCA of V (m, d), centered. Threshold rule as sklearn's PCA(n_components=float): the
-    fewest components whose cumulative ratio exceeds ``val_variance``; or ``n_components``.
-    ``normalize`` L2-normalizes V's rows first (zero rows stay zero).
+    """PCA of V (m, d), centered (``center=False``: the SVD of V itself, so the first
+    component is the validation gradients' common direction, not their spread). Threshold
+    rule as sklearn's PCA(n_components=float): the fewest components whose cumulative ratio
+    exceeds ``val_variance``; or ``n_components``. ``normalize`` L2-normalizes V's rows first
+    (zero rows stay zero).
 
     PCA signs are arbitrary, but the anchor and the fallback rank by signed dot product:
     ``orient=mean`` points each kv where the (uncentered) mean validation gradient points,
@@ -78,7 +82,7 @@ def core_knowledge(
     """
     V = CANONICAL.normalize(V) if normalize else np.asarray(V, dtype=np.float64)
     mean = V.mean(axis=0)
-    _, s, Vt = np.linalg.svd(V - mean, full_matrices=False)
+    _, s, Vt = np.linalg.svd(V - mean if center else V, full_matrices=False)
     var = s**2
     rank = int((var > var[0] * 1e-12).sum()) if var.size and var[0] > 0 else 0
     if rank == 0:
@@ -306,6 +310,7 @@ class G2ISSelector(Selector[FeatureSet]):
         n_components: int | None = None,
         orient: str = "mean",
         normalize_validation: bool = True,
+        center: bool = True,
         k_neighbors: int = 100,
         graph: str = "on_demand",
         graph_block: int = 1024,
@@ -329,7 +334,7 @@ class G2ISSelector(Selector[FeatureSet]):
             n_components,
         )
         self.orient, self.k_neighbors, self.graph = orient, k_neighbors, graph
-        self.normalize_validation = normalize_validation
+        self.normalize_validation, self.center = normalize_validation, center
         self.graph_block, self.anchor_pool, self.delta, self.fill = (
             graph_block,
             anchor_pool,
@@ -375,7 +380,12 @@ class G2ISSelector(Selector[FeatureSet]):
         excluded[cand] = False
         V = ckpt.val.features(ckpt.val.index([e.id for e in target.validation]))
         core = core_knowledge(
-            V, self.val_variance, self.n_components, self.orient, self.normalize_validation
+            V,
+            self.val_variance,
+            self.n_components,
+            self.orient,
+            self.normalize_validation,
+            self.center,
         )
         budgets = largest_remainder(budget, core.weights)
         nbrs = None
@@ -420,6 +430,7 @@ class G2ISSelector(Selector[FeatureSet]):
                 "component_weights": core.weights.tolist(),
                 "pca_note": core.note,
                 "normalize_validation": self.normalize_validation,
+                "center": self.center,
                 "components": walk.per_component,
                 "fallbacks": sum(s["fallbacks"] for s in walk.per_component),
                 "underfill": underfill,
