@@ -85,3 +85,16 @@ def test_decontamination_is_part_of_the_selection_key():
 
     assert key() == key() != key("decontamination.ngram=0")
     assert key() != key("decontamination.exact=false")
+
+
+def test_a_late_selector_option_at_its_default_keeps_the_older_selection_key():
+    """G2IS's ``center`` came after selections were cached: at its default (the earlier
+    behaviour) the key is the one the option-less config had; set otherwise, a new key."""
+    from dataselect.keys import select_key
+
+    def key(*overrides):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return select_key(compose("config", overrides=["selector=g2is", *overrides]), None)
+
+    assert key() == key("~selector.center") != key("selector.center=false")
+    assert key() != key("selector.delta=0.7")  # options in general are in the key

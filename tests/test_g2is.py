@@ -330,17 +330,23 @@ def test_normalize_validation_is_pca_of_unit_rows():
     assert abs(raw.components[0] @ core.components[0]) < 0.9
 
 
+def xy_case(tmp_path, val_rows):
+    """Pool px = (1, 0), py = (0, 1); validation gradients ``val_rows`` (2-d): pool, target,
+    features."""
+    pool = [ex("px"), ex("py")]
+    train = store(tmp_path / "train", ["px", "py"], [(1.0, 0.0), (0.0, 1.0)])
+    val = [ex(f"v{i}") for i in range(len(val_rows))]
+    vstore = store(tmp_path / "val", [e.id for e in val], val_rows)
+    feats = FeatureSet([CheckpointFeatures("epoch_1", 1e-5, train, vstore)])
+    return pool, Target.single("t", val, val[:1]), feats
+
+
 def test_normalize_validation_reaches_the_selector(tmp_path):
     """Validation (4, 0), (0, 1), (0, 1), (0, -1). Raw: centered x variance 12 beats y's 2.75,
     kv ~ +x (along the mean (1, .25)). Unit rows (1, 0), (0, 1), (0, 1), (0, -1): y variance
     2.75 beats x's .75, kv ~ +y (the mean (.25, .25)). Budget 1, no graph: the top by dot."""
-    pool = [ex("px"), ex("py")]
-    train = store(tmp_path / "train", ["px", "py"], [(1.0, 0.0), (0.0, 1.0)])
-    val = [ex(f"v{i}") for i in range(4)]
     rows = [(4.0, 0.0), (0.0, 1.0), (0.0, 1.0), (0.0, -1.0)]
-    vstore = store(tmp_path / "val", [e.id for e in val], rows)
-    feats = FeatureSet([CheckpointFeatures("epoch_1", 1e-5, train, vstore)])
-    target = Target.single("t", val, val[:1])
+    pool, target, feats = xy_case(tmp_path, rows)
     picks = {}
     for on in (True, False):
         sel = G2ISSelector(graph="none", normalize_validation=on).select(pool, target, 1, 0, feats)
@@ -368,13 +374,7 @@ def test_center_reaches_the_selector(tmp_path):
     Centered (the paper) the x parts cancel and the one component is y: the walk's top by dot is
     py, an example of the wobble. Uncentered, the first component is x (96% of the energy): px,
     the examples that share what the validation rows share. Budget 1, no graph."""
-    pool = [ex("px"), ex("py")]
-    train = store(tmp_path / "train", ["px", "py"], [(1.0, 0.0), (0.0, 1.0)])
-    val = [ex(f"v{i}") for i in range(4)]
-    rows = [(1.0, 0.2), (1.0, -0.2), (1.0, 0.2), (1.0, -0.2)]
-    vstore = store(tmp_path / "val", [e.id for e in val], rows)
-    feats = FeatureSet([CheckpointFeatures("epoch_1", 1e-5, train, vstore)])
-    target = Target.single("t", val, val[:1])
+    pool, target, feats = xy_case(tmp_path, [(1.0, 0.2), (1.0, -0.2), (1.0, 0.2), (1.0, -0.2)])
     picks = {}
     for center in (True, False):
         sel = G2ISSelector(graph="none", center=center).select(pool, target, 1, 0, feats)

@@ -35,6 +35,22 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, Container) else node
 
 
+# Selector options added after selections were cached, left out of the select key while at
+# their default (which keeps the earlier behaviour), so the selections cached before the
+# option existed stay valid; any other value is in the key.
+LATE_SELECTOR_OPTIONS = {"dataselect.selectors.g2is.G2ISSelector": {"center": True}}
+
+
+def selector_spec(cfg: DictConfig) -> dict:
+    spec = _plain(cfg.selector)
+    late = LATE_SELECTOR_OPTIONS.get(spec.get("_target_"), {})
+    return {
+        k: v
+        for k, v in spec.items()
+        if not (k in late and (type(v), v) == (type(late[k]), late[k]))
+    }
+
+
 def model_spec(cfg: DictConfig) -> dict:
     m = cfg.model
     return {
@@ -114,7 +130,7 @@ def select_key(cfg: DictConfig, features_key: str | None) -> str:
             "model": model_spec(cfg),
             "pool": pool_spec(cfg),
             "target": target_spec(cfg),
-            "selector": _plain(cfg.selector),
+            "selector": selector_spec(cfg),
             "budget": cfg.budget,
             "seed": cfg.seed,
             "features": features_key,
