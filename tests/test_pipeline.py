@@ -81,6 +81,13 @@ def test_all_stages_write_outputs(first_run):
     }
     sel = [json.loads(x) for x in (out / "selection.jsonl").read_text().splitlines()]
     assert [r["rank"] for r in sel] == list(range(8)) and len({r["id"] for r in sel}) == 8
+    chosen = [json.loads(x) for x in (out / "selected.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["score"], r["rank"]) for r in chosen] == [
+        (r["id"], r["score"], r["rank"]) for r in sel
+    ]
+    # ids are rg/<family>/<seed>/<i>: the rows carry each example's own source and turns
+    assert all(r["source"] == f"reasoning_gym/{r['id'].split('/')[1]}" for r in chosen)
+    assert all(r["messages"][-1]["role"] == "assistant" for r in chosen)
     saved = json.loads((out / "metrics.json").read_text())
     items = [json.loads(x) for x in (out / "target_loss.jsonl").read_text().splitlines()]
     for which in ("finetuned", "base"):
@@ -100,6 +107,24 @@ def test_all_stages_write_outputs(first_run):
     }
     assert (out / "results.md").read_text().count("gsm_symbolic") == 2
     assert not (tmp / "cache" / "warmup").exists()
+
+
+def test_an_offline_wandb_run_holds_the_selection_table(tmp_path):
+    run(tmp_path, "logger=wandb", "stage=select")
+    out = tmp_path / "run0"
+    (table,) = (out / "wandb").glob("offline-run-*/files/media/table/selection/examples_*.json")
+    got = json.loads(table.read_text())
+    assert got["columns"] == ["rank", "id", "source", "score", "prompt", "answer"]
+    chosen = [json.loads(x) for x in (out / "selected.jsonl").read_text().splitlines()]
+    assert [row[:4] for row in got["data"]] == [
+        [r["rank"], r["id"], r["source"], r["score"]] for r in chosen
+    ]
+    (bars,) = (out / "wandb").glob("offline-run-*/files/media/table/selection/composition*.json")
+    counts = {src: n for src, n in json.loads(bars.read_text())["data"]}
+    assert sum(counts.values()) == 8 and set(counts) <= {
+        "reasoning_gym/chain_sum",
+        "reasoning_gym/gsm_symbolic",
+    }
 
 
 def test_warmup_is_trained_when_read_or_asked_for(tmp_path):

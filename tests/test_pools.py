@@ -207,17 +207,24 @@ def test_infinity_instruct_and_jsonl_presets_compose(tmp_path):
 
 
 def test_a_pool_extends_another_with_extra_sources(tmp_path):
-    """cpu_table = the planted pool's 55 families (its defaults list) + GSM8K train; the
-    extra sources are read after the others and are part of the pool's cache key."""
+    """cpu_table = the planted pool's 55 families (its defaults list) at per_family 10, the
+    first 10 of each planted family, + GSM8K train; the extra sources are read after the
+    others and are part of the pool's cache key."""
     from omegaconf import OmegaConf
 
     from dataselect.keys import pool_spec
 
     table, planted = compose_pool("cpu_table", tmp_path), compose_pool("planted", tmp_path)
-    assert list(table.sources) == list(planted.sources) and len(planted.sources) >= 50
-    assert [s.kind for s in table.extra_sources] == ["gsm8k"]
     spec = pool_spec(OmegaConf.create({"pool": table}))
+    planted_spec = pool_spec(OmegaConf.create({"pool": planted}))["sources"]
+    assert len(planted_spec) >= 50 and {s["n"] for s in planted_spec} == {30}
+    assert spec["sources"][:-1] == [{**s, "n": 10} for s in planted_spec]
     assert spec["sources"][-1]["kind"] == "gsm8k" and len(spec["sources"]) == 56
+    assert table.size == 10 * len(planted_spec) + spec["sources"][-1]["n"]
+    first = {**planted_spec[0], "n": 10}
+    assert [e.prompt for e in read_sources([first], tmp_path, "pool t")] == [
+        e.prompt for e in read_sources([planted_spec[0]], tmp_path, "pool p")
+    ][:10]
     small = OmegaConf.create(
         {
             "name": "small",

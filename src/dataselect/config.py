@@ -162,6 +162,9 @@ class PoolConfig:
     # appended to ``sources``: a pool extends another through its defaults list (a list
     # would replace the other's, not add to it), e.g. conf/pool/cpu_table.yaml
     extra_sources: list[Any] = field(default_factory=list)
+    # examples per family, for pools whose sources read ``n: ${pool.per_family}``
+    # (conf/pool/planted.yaml: 30; conf/pool/cpu_table.yaml, which extends it: 10)
+    per_family: int | None = None
     size: int | None = None  # expected size, for dry-run estimates when the pool can't be read
 
 

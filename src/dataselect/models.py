@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from dataselect.cache import digest, materialize
 from dataselect.data.formatting import ensure_chat_template
+from dataselect.progress import heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,9 @@ def resolve_model_path(name: str, cache_dir: Path) -> str:
 def _convert_gguf(spec: str, out: Path) -> None:
     folder, filename = _gguf_location(spec)
     log.info("converting %s/%s to safetensors in %s (once)", folder.name, filename, out)
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename)
+    with heartbeat(f"converting {filename}"):
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename)
     # The weights are dequantized to float32 on load; drop the GGUF quantizer so they save.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

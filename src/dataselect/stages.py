@@ -35,6 +35,7 @@ from dataselect.cache import COMPLETE, digest, write_json
 from dataselect.context import Artifact, Planned, RunContext, Sizes, product
 from dataselect.data.records import Example
 from dataselect.data.targets import Target, candidates, load_target
+from dataselect.export import SELECTED, SELECTION, selected_rows, write_jsonl
 from dataselect.features.request import FeatureInputs, Features
 from dataselect.keys import evaluate_key, finetune_key, select_key, warmup_key, warmup_seed
 from dataselect.selectors.base import Selection, Selector
@@ -204,7 +205,7 @@ def select_estimate(cfg, selector: Selector, sizes: Sizes, up: Upstream, key) ->
     path = Path(cfg.paths.cache_dir) / "select" / key
     ids = None
     if (path / COMPLETE).is_file():  # finetune and evaluate are keyed by the selected ids
-        ids = Selection.read_jsonl(path / "selection.jsonl").ids
+        ids = Selection.read_jsonl(path / SELECTION).ids
     what = f"{selector.name}, budget {sizes.budget}"
     return Estimate(key, [Planned("select", what, key, 0, 0)], ids)
 
@@ -238,12 +239,18 @@ def select_build(ctx: RunContext, inputs: RunInputs, up: Upstream) -> StageResul
         sel = selector.select(cands, target, budget, cfg.seed, features=value)
         if len(sel.ids) != len(set(sel.ids)):
             raise RuntimeError(f"selector {selector.name} returned duplicate ids")
-        sel.write_jsonl(work / "selection.jsonl")
+        sel.write_jsonl(work / SELECTION)
         write_json(work / "diagnostics.json", sel.diagnostics)
 
     art = ctx.artifact("select", select_key_of(cfg, selector, up), build)
-    (ctx.out_dir / "selection.jsonl").write_text((art.path / "selection.jsonl").read_text())
-    ids = Selection.read_jsonl(art.path / "selection.jsonl").ids
+    text = (art.path / SELECTION).read_text()
+    (ctx.out_dir / SELECTION).write_text(text)
+    by_id = {e.id: e for e in pool}
+    chosen = selected_rows([json.loads(x) for x in text.splitlines() if x], by_id)
+    write_jsonl(ctx.out_dir / SELECTED, chosen)  # the examples themselves (dataselect.export)
+    if ctx.tracker is not None:
+        ctx.tracker.log_selection(chosen)
+    ids = [r["id"] for r in chosen]
     source_of = {e.id: e.source for e in pool}
     metrics: dict[str, Any] = {
         "selection_sources": dict(

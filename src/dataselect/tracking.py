@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,34 @@ class Tracker:
             import wandb
 
             self.wandb_run.log({key: wandb.Image(str(path))})
+
+    def log_selection(self, rows: list[dict], max_chars: int = 500) -> None:
+        """What was selected: a table of the chosen examples (rank, id, source, score, prompt
+        and answer, each cut at ``max_chars``) and a bar chart of their sources. In a sweep
+        group W&B shows the runs' tables side by side under the same key."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        def cut(s: str) -> str:
+            return s if len(s) <= max_chars else s[: max_chars - 1] + "\u2026"
+
+        columns = ["rank", "id", "source", "score", "prompt", "answer"]
+        table = wandb.Table(columns=columns)
+        for r in rows:
+            user = [m["content"] for m in r["messages"] if m["role"] == "user"]
+            prompt, answer = (user[-1] if user else ""), r["messages"][-1]["content"]
+            table.add_data(r["rank"], r["id"], r["source"], r["score"], cut(prompt), cut(answer))
+        counts = Counter(r["source"] for r in rows).most_common()
+        bars = wandb.Table(columns=["source", "selected"], data=[list(c) for c in counts])
+        self.wandb_run.log(
+            {
+                "selection/examples": table,
+                "selection/composition": wandb.plot.bar(
+                    bars, "source", "selected", title="selected examples by source"
+                ),
+            }
+        )
 
     def finish(self) -> None:
         if self.wandb_run is not None:

@@ -109,6 +109,10 @@ REQUIRED = {"json": ("path",), "hub": ("path",), "reasoning_gym": ("name", "n", 
 def read_source(spec: dict[str, Any], data_dir: Path) -> Examples:
     kind = spec.get("kind")
     if kind not in READERS:
+        # the benchmark kinds (gsm8k, bbh, ...) register when their module is imported; a
+        # caller that reads a pool without a target (dataselect-export) has not imported it
+        import dataselect.data.benchmarks  # noqa: F401
+    if kind not in READERS:
         raise RecordError(f"source {spec}: unknown kind {kind!r}; known: {sorted(READERS)}")
     if spec.get("on_error", "raise") not in ON_ERROR:
         raise RecordError(f"source {spec}: on_error {spec['on_error']!r} not in {ON_ERROR}")

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from dataselect.evaluation.tasks import (
     stop_sequences,
     write_task,
 )
+from dataselect.progress import interactive, progress
 
 log = logging.getLogger(__name__)
 METRIC = "exact_match"
@@ -56,9 +58,28 @@ def _make_lm(model, tokenizer, batch_size: int | str, chat: bool):
     from lm_eval.models.huggingface import HFLM
 
     class LocalHFLM(HFLM):
+        advance: Callable[[int], None] = staticmethod(lambda n: None)
+
         def get_model_info(self) -> dict:
             # HFLM.get_model_info asks HfApi for the model's commit sha (a network call).
             return {"model_num_parameters": sum(p.numel() for p in self._model.parameters())}
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            # In a terminal lm-eval's own bar; without one (a batch log) its bar would be a
+            # wall of carriage returns: progress lines per generated batch instead.
+            if interactive():
+                return super().generate_until(requests, disable_tqdm=disable_tqdm)
+            with progress("generating answers", len(requests), unit="items") as advance:
+                self.advance = advance
+                try:
+                    return super().generate_until(requests, disable_tqdm=True)
+                finally:
+                    del self.advance
+
+        def _model_generate(self, context, *args, **kwargs):
+            out = super()._model_generate(context, *args, **kwargs)
+            self.advance(int(context.shape[0]))
+            return out
 
     # HFLM warns twice that `pretrained` is a model object: expected here, so not shown.
     hf_log = logging.getLogger("lm_eval.models.huggingface")

@@ -13,14 +13,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dataselect.cache import digest
 from dataselect.data.formatting import Tokenized
@@ -34,6 +32,7 @@ from dataselect.features.gradients import (
 from dataselect.features.sketch import Sketch, SketchSpec
 from dataselect.features.store import GradientStore, StoreWriter
 from dataselect.locking import try_lock
+from dataselect.progress import progress
 from dataselect.training.checkpoint import load_optimizer_state
 from dataselect.training.data import collate
 
@@ -45,29 +44,6 @@ def length_order(examples: list[Tokenized]) -> list[Tokenized]:
     return [
         examples[i] for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     ]
-
-
-@contextmanager
-def progress(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar with examples/s; yields ``advance(n)`` (a no-op when disabled)."""
-    if not enabled:
-        yield lambda n: None
-        return
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} ex/s"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task(description, total=total, rate=0.0)
-
-        def advance(n: int) -> None:
-            t = bar.tasks[0]
-            bar.update(task, advance=n, rate=(t.completed + n) / max(t.elapsed or 1e-9, 1e-9))
-
-        yield advance
 
 
 def token_batches(

@@ -23,9 +23,10 @@ from dataselect import models
 from dataselect.context import Artifact, RunContext
 from dataselect.data.formatting import Tokenized
 from dataselect.data.records import Example
-from dataselect.features.featurize import length_order, progress, token_batches
+from dataselect.features.featurize import length_order, token_batches
 from dataselect.features.stores import CheckpointModels, pick_checkpoints
 from dataselect.keys import model_spec, warmup_key
+from dataselect.progress import progress
 from dataselect.training.data import collate
 
 MODELS = ("base", "warmup")

@@ -19,11 +19,11 @@ from dataselect.features.featurize import (
     Batching,
     gradient_batches,
     length_order,
-    progress,
     token_batches,
 )
 from dataselect.features.gradients import grad_dim, per_example_grads
 from dataselect.features.store import GradientStore, StoreWriter
+from dataselect.progress import progress
 from dataselect.training.data import collate
 
 

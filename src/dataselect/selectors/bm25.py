@@ -36,6 +36,7 @@ from dataselect.data.targets import Target
 from dataselect.features.passes import example_text
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.keys import artifact_key, pool_spec
+from dataselect.progress import heartbeat
 from dataselect.selectors.base import Selection, Selector, one_of
 from dataselect.selectors.ranking import top_k
 
@@ -56,6 +57,11 @@ def build_index(
 ) -> bm25s.BM25:
     """A BM25 index of ``texts`` (one document each, in order). The vocabulary is numbered
     in first-seen order (``return_ids=True``), so the saved index is the same in every run."""
+    with heartbeat(f"bm25 index of {len(texts):,} documents"):
+        return _index(texts, k1, b, method, stopwords)
+
+
+def _index(texts: list[str], k1: float, b: float, method: str, stopwords: str | None):
     tokens = bm25s.tokenize(texts, stopwords=stopwords, return_ids=True, show_progress=False)
     if not tokens.vocab:
         raise ValueError(

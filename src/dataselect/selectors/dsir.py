@@ -45,6 +45,7 @@ from dataselect.data.targets import Target
 from dataselect.features.passes import example_text
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.keys import artifact_key, pool_spec
+from dataselect.progress import progress
 from dataselect.selectors.base import Selection, Selector, one_of
 from dataselect.selectors.ranking import dot_tolerance, top_k, tree_sum
 
@@ -72,12 +73,14 @@ def ngram_counts(
     ``featurizer`` (``get_ngram_counts``) row by row."""
     tok = _tokenizer(tokenizer)
     indptr, indices, data = [0], [], []
-    for text in texts:
-        c = get_ngram_counts(text, n=ngrams, num_buckets=num_buckets, tokenizer=tok)
-        nz = np.flatnonzero(c)
-        indices.append(nz.astype(np.int32))
-        data.append(c[nz].astype(np.int32))
-        indptr.append(indptr[-1] + len(nz))
+    with progress("hashed n-gram counts", len(texts), unit="texts") as advance:
+        for text in texts:
+            c = get_ngram_counts(text, n=ngrams, num_buckets=num_buckets, tokenizer=tok)
+            nz = np.flatnonzero(c)
+            indices.append(nz.astype(np.int32))
+            data.append(c[nz].astype(np.int32))
+            indptr.append(indptr[-1] + len(nz))
+            advance(1)
     cat = (lambda xs: np.concatenate(xs)) if texts else (lambda xs: np.zeros(0, np.int32))
     return sp.csr_matrix(
         (cat(data), cat(indices), np.asarray(indptr, dtype=np.int64)),

@@ -28,6 +28,7 @@ from dataselect.data.targets import Target
 from dataselect.features.passes import Paired, example_text, table
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.keys import artifact_key, pool_spec, validation_spec
+from dataselect.progress import progress
 from dataselect.selectors.base import Selection, Selector, one_of
 from dataselect.selectors.similarity import max_cosine, mean_cosine
 
@@ -100,16 +101,20 @@ class SentenceEmbeddings(FeatureRequest[Paired]):
                 if not loaded:
                     loaded.append(load_embedder(self.model))
                 texts = [example_text(e, self.text) for e in examples]
-                return (
-                    loaded[0]
-                    .encode(
-                        texts,
-                        batch_size=self.batch_size,
-                        convert_to_numpy=True,
-                        show_progress_bar=len(texts) > 1000,
-                    )
-                    .astype(np.float32)
-                )
+                step, parts = 16 * self.batch_size, []  # chunks, for the progress line
+                with progress(f"embedding ({self.model})", len(texts)) as advance:
+                    for i in range(0, len(texts), step):
+                        chunk = texts[i : i + step]
+                        parts.append(
+                            loaded[0].encode(
+                                chunk,
+                                batch_size=self.batch_size,
+                                convert_to_numpy=True,
+                                show_progress_bar=False,
+                            )
+                        )
+                        advance(len(chunk))
+                return np.concatenate(parts).astype(np.float32)
 
             return compute
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
 from dataselect.data.formatting import Tokenized
+from dataselect.progress import LogLines, interactive
 from dataselect.training.checkpoint import (
     RESUME_FILE,
     EpochCheckpoint,
@@ -38,7 +38,7 @@ def build_trainer(cfg, trainer_cfg, out_dir: Path, callbacks: list, loggers=None
     """A Lightning Trainer from the stage config (epochs, grad_accum, ...) and the trainer group.
 
     ``cfg.max_steps`` is not passed on: ``LoRALM`` enforces it (see there why)."""
-    tty = sys.stdout.isatty()
+    tty = interactive()
     return L.Trainer(
         max_epochs=int(cfg.epochs),
         accumulate_grad_batches=int(cfg.get("grad_accum", 1)),
@@ -48,13 +48,30 @@ def build_trainer(cfg, trainer_cfg, out_dir: Path, callbacks: list, loggers=None
         devices=trainer_cfg.get("devices", "auto"),
         precision=trainer_cfg.get("precision", "32-true"),
         strategy=trainer_cfg.get("strategy", "auto"),
-        callbacks=callbacks + ([RichProgressBar()] if tty else []),
+        callbacks=callbacks + [RichProgressBar() if tty else LogProgress()],
         enable_progress_bar=tty,
         enable_checkpointing=False,
         enable_model_summary=False,
         logger=loggers or False,
         default_root_dir=str(out_dir),
     )
+
+
+class LogProgress(L.Callback):
+    """Without a terminal: optimizer steps done / total, rate, ETA and the last loss, logged
+    at a bounded rate (``dataselect.progress``); a resumed run counts from where it was."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = int(min(trainer.estimated_stepping_batches, pl_module.max_steps or 1e18))
+        self.lines = LogLines("training", total, unit="step", done=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        self.lines.note = "" if loss is None else f"loss {float(loss):.4f}"
+        self.lines.advance(trainer.global_step - self.lines.done)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.lines.close()
 
 
 def _max_steps(cfg) -> int | None:
