@@ -20,7 +20,7 @@ quickstart: $(STAMP)
 	$(BIN)/dataselect sweep=quickstart
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile  # 2 workers, a test module per worker
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests experiments && $(BIN)/ruff format --check src tests experiments

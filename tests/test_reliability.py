@@ -1,12 +1,14 @@
 """The fault drills (``experiments/reliability/drills.py``) on the tiny model, each a real
 ``python -m dataselect`` process: kill -9 inside every stage, a concurrent pair, determinism
-across runs and 1 vs 2 DDP processes, a full disk, NaN weights, foreign stores, and the whole
-bad-input corpus through ``run_pipeline``. Every drill must pass."""
+across runs and 1 vs 2 DDP processes, a full disk, NaN weights, foreign stores, damaged cache
+files (``corruption.py``), and the whole bad-input corpus through ``run_pipeline``. Every
+drill must pass."""
 
 from __future__ import annotations
 
 import random
 
+import corruption
 import drills
 import pytest
 
@@ -99,3 +101,36 @@ def test_bad_input_corpus_through_the_pipeline(ws):
     rows = drills.bad_input_drills(ws)
     failed = [f"{r.name}: {r.outcome}" for r in rows if not r.ok]
     assert len(rows) >= 30 and not failed, failed
+
+
+def test_a_run_without_a_terminal_logs_training_and_featurizing_progress(ws):
+    """The reference run's stdout is a file, as under nohup or Slurm (the drills set
+    DATASELECT_PROGRESS_EVERY=0): training and the gradient pass log progress lines."""
+    log = (ws.root / "reference" / "out0" / "run.log").read_text()
+    lines = [x for x in log.splitlines() if "[dataselect.progress]" in x]
+    steps = [x for x in lines if "] - training: " in x]
+    grads = [x for x in lines if "] - gradients (" in x]
+    assert len(steps) >= 4 and "step/s" in steps[0] and "ETA" in steps[0] and "loss " in steps[0]
+    assert len(grads) >= 4 and "ex/s" in grads[0] and "elapsed" in grads[0]
+    assert any("(100%)" in x for x in grads) and "\r" not in log
+
+
+def test_damaged_complete_entries_are_refused_reported_removed_and_rebuilt(ws):
+    """A store shard flipped, another truncated, an adapter flipped: each refused on reuse,
+    reported by ``dataselect verify``, removed by ``--remove``, rebuilt as the reference."""
+    d = corruption.complete_entry_drill(ws)
+    n = len(corruption.DAMAGES)
+    assert d.ok and d.identical, d.outcome
+    assert f"refused on reuse: {n}/{n}" in d.outcome and f"{n}/{n} reported" in d.outcome
+
+
+@pytest.mark.parametrize(
+    "stage, marker, damaged",
+    [
+        ("warmup", "epoch_1/COMPLETE", "epoch_1/trainer.ckpt"),  # the resume file
+        ("features", "shard_00002.COMPLETE", "shard_00001.npy"),  # a finished shard
+    ],
+)
+def test_damaged_partial_work_is_recomputed_not_resumed(ws, stage, marker, damaged):
+    d = corruption.partial_work_drill(ws, f"damaged {stage} {damaged}", stage, marker, damaged)
+    assert d.ok and d.identical, d.outcome

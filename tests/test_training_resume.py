@@ -188,8 +188,8 @@ def resume_and_compare(model_dir: Path, out: Path, reference: dict, resumed_from
     proc = train_ok(model_dir, out)
     assert f"resuming from {resumed_from}" in proc.stderr
     after = stats(out)
-    for p, s in kept.items():  # not retrained (trainer.ckpt is deleted at the end)
-        assert p.endswith("trainer.ckpt") or after[p] == s, p
+    for p, s in kept.items():  # not retrained (trainer.ckpt[.sum] is deleted at the end)
+        assert p.endswith(("trainer.ckpt", "trainer.ckpt.sum")) or after[p] == s, p
     assert artifact_hashes(out) == reference["hashes"]
     assert not list(out.glob("epoch_*.tmp"))
     log = json.loads((out / "train_log.json").read_text())
@@ -240,7 +240,8 @@ def test_all_epochs_complete_does_not_train(tiny_model_dir, tmp_path, reference)
     killed(tiny_model_dir, tmp_path, kill="after:3")
     assert (tmp_path / "epoch_3" / "trainer.ckpt").is_file()
     assert not (tmp_path / "train_log.json").exists()
-    before = {p: s for p, s in stats(tmp_path).items() if not p.endswith("trainer.ckpt")}
+    resume = ("trainer.ckpt", "trainer.ckpt.sum")  # deleted at the end
+    before = {p: s for p, s in stats(tmp_path).items() if not p.endswith(resume)}
     proc = train_ok(tiny_model_dir, tmp_path)
     assert "not training again" in proc.stderr and "resuming" not in proc.stderr
     assert 'CHECKPOINTS ["epoch_1", "epoch_2", "epoch_3"]' in proc.stdout

@@ -1,5 +1,6 @@
 """Fault drills for dataselect: kills at random points of every stage, a concurrent pair, the
-bad-input corpus, a full disk, NaN gradients, foreign stores, determinism (1 vs 2 processes).
+bad-input corpus, a full disk, NaN gradients, foreign stores, damaged cache files
+(``corruption.py``), determinism (1 vs 2 processes).
 
     python experiments/reliability/drill.py                    # every drill, 2 kills per stage
     python experiments/reliability/drill.py --kills 5 --seed 1 --only kill
@@ -24,8 +25,9 @@ import time
 from pathlib import Path
 
 import drills as d
+from corruption import corruption_drills
 
-GROUPS = ("kill", "concurrent", "determinism", "disk", "nan", "foreign", "bad-input")
+GROUPS = ("kill", "concurrent", "determinism", "disk", "nan", "foreign", "corrupt", "bad-input")
 
 
 def main() -> int:
@@ -62,6 +64,8 @@ def main() -> int:
         report([d.nan_drill(ws)])
     if "foreign" in args.only:
         report([d.foreign_store_drill(ws, w) for w in ("model", "sketch")])
+    if "corrupt" in args.only:
+        report(corruption_drills(ws))
     if "bad-input" in args.only:
         report(d.bad_input_drills(ws))
     passed = sum(r.ok for r in rows)

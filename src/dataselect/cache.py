@@ -11,6 +11,9 @@ Guarantees of :func:`materialize`:
   wiped, never read. With ``resume=True`` a work directory left by a killed run is handed
   back to the builder as it is (the builder decides what in it is finished); otherwise it is
   wiped first.
+* **Checked on reuse.** The marker records the size and checksum of every file (each file
+  fsynced first); a reused artifact whose files differ is refused with its path and what to
+  do (:mod:`dataselect.integrity`).
 * **One writer.** A lock per key (``.<key>.lock`` beside the artifact, :func:`lock_path`)
   means two processes, on one host or several sharing the file system, never build the same
   artifact: the second logs once at INFO ``waiting for <artifact>: built by pid P on host H
@@ -37,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dataselect.integrity import check, damaged, manifest, recorded
 from dataselect.locking import file_lock
 
 COMPLETE = "COMPLETE"
@@ -81,9 +85,11 @@ def materialize(
     """
     final = Path(final)
     if is_complete(final):
+        verify(final)
         return True
     with file_lock(lock_path(final), timeout, what=str(final)):
         if is_complete(final):  # another process built it while we waited
+            verify(final)
             return True
         if final.exists():  # never trusted: no marker
             shutil.rmtree(final)
@@ -94,10 +100,44 @@ def materialize(
         t0 = time.time()
         build(work)
         marker = {"built_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": time.time() - t0}
-        write_atomic(work / COMPLETE, json.dumps({**marker, **(info or {})}, indent=1))
+        files = manifest(work, skip=(COMPLETE,))  # fsyncs every file before the marker
+        write_atomic(work / COMPLETE, json.dumps({**marker, **(info or {}), "files": files}))
         os.rename(work, final)
         fsync_dir(final.parent)
     return False
+
+
+def verify(final: Path) -> None:
+    """Refuse a complete artifact whose files differ from the checksums its marker recorded
+    (``dataselect.integrity``); markers from before checksums are trusted as they are."""
+    files = recorded(final / COMPLETE)
+    if files is not None:
+        problems = check(final, files)
+        if problems:
+            raise damaged(final, problems)
+
+
+def verify_cache(cache_dir: Path, remove: bool = False) -> dict[str, Any]:
+    """Check every complete artifact under ``cache_dir`` (``<stage>/<key>/``) against its
+    recorded checksums, reading every file (``dataselect verify``). ``remove`` deletes the
+    damaged ones (under their build lock), so the next run rebuilds them. Returns
+    ``{"checked": n, "unverified": [paths with no checksums], "damaged": {path: problems}}``.
+    """
+    checked, unverified, bad = 0, [], {}
+    for marker in sorted(Path(cache_dir).glob(f"*/[!.]*/{COMPLETE}")):
+        art = marker.parent
+        files = recorded(marker)
+        if files is None:
+            unverified.append(str(art))
+            continue
+        checked += 1
+        problems = check(art, files, how="full")
+        if problems:
+            bad[str(art)] = problems
+            if remove:
+                with file_lock(lock_path(art), 60, what=str(art)):
+                    shutil.rmtree(art)
+    return {"checked": checked, "unverified": unverified, "damaged": bad}
 
 
 # ---------------------------------------------------------------- durable writes

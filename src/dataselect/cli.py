@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -90,5 +91,40 @@ def main_cfg(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=str(dataselect.config.CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     main_cfg(cfg)
+
+
+def verify(argv: list[str]) -> int:
+    """``dataselect verify [cache dir] [--remove]``: check every cache entry's files against
+    the checksums recorded when it was completed; exit 1 if any is damaged and kept."""
+    import argparse
+
+    from dataselect.cache import verify_cache
+
+    parser = argparse.ArgumentParser(prog="dataselect verify", description=verify.__doc__)
+    default = os.environ.get("DATASELECT_CACHE_DIR", ".cache/dataselect")  # as conf/paths
+    parser.add_argument("cache_dir", nargs="?", type=Path, default=Path(default))
+    parser.add_argument("--remove", action="store_true", help="delete damaged entries")
+    args = parser.parse_args(argv)
+    if not args.cache_dir.is_dir():
+        print(f"dataselect verify: no cache dir {args.cache_dir}", file=sys.stderr)
+        return 2
+    got = verify_cache(args.cache_dir, remove=args.remove)
+    for path, problems in got["damaged"].items():
+        print(f"DAMAGED {path}{' (removed)' if args.remove else ''}")
+        for p in problems:
+            print(f"  {p}")
+    print(
+        f"{args.cache_dir}: {got['checked']} entries checked, {len(got['damaged'])} damaged"
+        f"{' and removed (the next run rebuilds them)' if args.remove and got['damaged'] else ''}"
+        f", {len(got['unverified'])} without checksums (completed before they were recorded)"
+    )
+    return 1 if got["damaged"] and not args.remove else 0
+
+
+def main() -> None:
+    """``dataselect verify ...`` checks a cache; anything else is a Hydra run."""
+    if len(sys.argv) > 1 and sys.argv[1] == "verify":
+        raise SystemExit(verify(sys.argv[2:]))
+    run()

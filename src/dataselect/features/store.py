@@ -5,7 +5,9 @@ Layout (``S`` = shard_size; shard ``i`` holds rows ``[i*S, (i+1)*S)``, the last 
     meta.json             {"format": 1, "dim", "dtype", "shard_size", "n_total", "spec"}
     shard_00000.npy       raw .npy of shape (rows, dim), float16 or float32
     shard_00000.json      {"ids", "n_tokens", "grad_norms", "rows", "extra"}
-    shard_00000.COMPLETE  written last, after the fsync of both files: only then is it trusted
+    shard_00000.COMPLETE  written last, after the fsync of both files: only then is it trusted;
+                          it holds their sizes and checksums (a resumed writer recomputes a
+                          shard that no longer matches them)
 
 Shards are independent: any process may write any shard (``write_shard``), so the ranks of a
 DDP run or the tasks of a Slurm array fill one store side by side, each its own shards (temp
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from dataselect.cache import fsync_dir
+from dataselect.integrity import check, file_digest, recorded
 from dataselect.locking import try_lock
 
 log = logging.getLogger(__name__)
@@ -163,6 +166,13 @@ class StoreWriter:
         Returns the rows of the leading run of complete shards (the sequential ``add`` goes on
         from there)."""
         complete = self.complete_shards() if trusted else []
+        if tidy:  # a shard changed since it was written is recomputed, not trusted
+            damaged = {i: p for i in complete if (p := self.shard_problems(i))}
+            for i, problems in damaged.items():
+                log.warning("store %s: shard %d is damaged (%s): recomputing it",
+                            self.path, i, "; ".join(problems))  # fmt: skip
+                _shard(self.path, i, "COMPLETE").unlink()
+            complete = [i for i in complete if i not in damaged]
         k = 0
         while k < len(complete) and complete[k] == k:
             k += 1
@@ -191,6 +201,11 @@ class StoreWriter:
         if not 0 <= i < self.n_shards:
             raise IndexError(f"shard {i} out of range [0, {self.n_shards}) for store {self.path}")
         return range(i * self.shard_size, min((i + 1) * self.shard_size, self.n_total))
+
+    def shard_problems(self, i: int) -> list[str]:
+        """What in complete shard ``i`` differs from the checksums its marker recorded."""
+        files = recorded(_shard(self.path, i, "COMPLETE"))
+        return [] if files is None else check(self.path, files)
 
     def shard_lock(self, i: int) -> Path:
         """The lock a process holds while it computes shard ``i`` (``locking.try_lock``)."""
@@ -314,7 +329,8 @@ class StoreWriter:
                 _fsync(fh)
             os.replace(_tmp(npy), npy)
             _write_file(js, _dumps(info))
-            _write_file(marker, _dumps({"rows": info["rows"]}))
+            files = {f.name: [f.stat().st_size, file_digest(f)] for f in (npy, js)}
+            _write_file(marker, _dumps({"rows": info["rows"], "files": files}))
             fsync_dir(self.path)
         except BaseException as err:  # disk full, kill signal as exception, ...: leave no trace
             for f in (marker, js, npy, _tmp(marker), _tmp(js), _tmp(npy)):

@@ -6,7 +6,8 @@ Layout of ``out_dir/epoch_{e}/`` (e is 1-based)::
     optimizer.safetensors     "{name}.exp_avg", "{name}.exp_avg_sq" for every trainable param
     optimizer.json            betas, eps, weight_decay, step, lr_mean, lr_last, param_names, ...
     trainer.ckpt              Lightning checkpoint to resume from (only while training runs)
-    COMPLETE                  written last
+    trainer.ckpt.sum          its size and checksum (deleted with it)
+    COMPLETE                  written last: size and checksum of the other files
 
 Everything is written into ``epoch_{e}.tmp`` and renamed, so an ``epoch_{e}`` dir always has its
 ``COMPLETE`` marker; ``list_checkpoints`` also ignores any dir that lacks it.
@@ -36,10 +37,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dataselect.cache import fsync_dir, write_atomic
+from dataselect.integrity import check, file_digest, manifest, recorded
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 RESUME_FILE = "trainer.ckpt"
+RESUME_SUM = "trainer.ckpt.sum"  # [size, xxh3] of the resume file, deleted with it
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 _EPOCH_TMP = re.compile(r"^epoch_(\d+)\.tmp$")
 
@@ -188,10 +193,18 @@ class EpochCheckpoint(L.Callback):
         trainer.save_checkpoint(tmp / RESUME_FILE, weights_only=False)
         if not trainer.is_global_zero:
             return
-        (tmp / MARKER).write_text("")
+        # The marker records the epoch's files (fsynced first); the resume file, deleted once
+        # superseded, has its checksum beside it, so the marker stays the same across resumes.
+        resume = tmp / RESUME_FILE
+        write_atomic(
+            tmp / RESUME_SUM, json.dumps([resume.stat().st_size, file_digest(resume, True)])
+        )
+        files = manifest(tmp, skip=(MARKER, RESUME_FILE, RESUME_SUM))
+        write_atomic(tmp / MARKER, json.dumps({"files": files}, sort_keys=True))
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+        fsync_dir(self.out_dir)
         self.saved.append(final)
         drop_resume_files(self.out_dir, keep=final)  # the older ones are superseded
         log.info(
@@ -233,6 +246,20 @@ def drop_resume_files(run_dir: Path, keep: Path | None = None) -> None:
     for d in list_checkpoints(run_dir):
         if d != keep:
             (d / RESUME_FILE).unlink(missing_ok=True)
+            (d / RESUME_SUM).unlink(missing_ok=True)
+
+
+def checkpoint_problems(epoch_dir: Path) -> list[str]:
+    """What in a complete epoch dir differs from what its marker (and, while it exists, the
+    resume file's checksum) recorded; empty when intact or written before checksums."""
+    problems = []
+    files = recorded(epoch_dir / MARKER)
+    if files is not None:
+        problems += check(epoch_dir, files)
+    resume, total = epoch_dir / RESUME_FILE, epoch_dir / RESUME_SUM
+    if resume.is_file() and total.is_file():
+        problems += check(epoch_dir, {RESUME_FILE: json.loads(total.read_text())})
+    return [f"{epoch_dir.name}/{p}" for p in problems]
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from dataselect.progress import LogLines, interactive
 from dataselect.training.checkpoint import (
     RESUME_FILE,
     EpochCheckpoint,
+    checkpoint_problems,
     drop_resume_files,
     list_checkpoints,
     remove_partial_checkpoints,
@@ -151,6 +153,17 @@ def train_lora(
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_checkpoints(out_dir)
     done = list_checkpoints(out_dir)
+    damaged = [p for d in done for p in checkpoint_problems(d)]
+    if damaged:  # the earlier epochs' resume files are gone: only a fresh start rebuilds them
+        log.warning(
+            "discarding the checkpoints in %s, which changed after they were written (%s): "
+            "training from the start",
+            out_dir,
+            "; ".join(damaged[:3]),
+        )
+        for d in done:
+            shutil.rmtree(d)
+        done = []
     last = done[-1] if done else None
     if last is not None and _training_done(last, cfg):
         model.eval()
