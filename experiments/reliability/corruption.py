@@ -12,16 +12,13 @@ reference.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from drills import Drill, Workspace, differences, digest
+from drills import Drill, Workspace, differences, digest, kill_when_written
 
 
 def slug(name: str) -> str:
@@ -112,18 +109,10 @@ def partial_work_drill(ws: Workspace, name: str, stage: str, marker: str, rel: s
     the re-run must not trust it (``says``) and end with the reference artifacts."""
     ref, run = digest(ws.reference()), slug(name)
     shutil.rmtree(ws.root / run, ignore_errors=True)
-    proc, log = ws.start(run)
     cache = ws.root / run / "cache"
-    deadline = time.time() + 600
-    while not list((cache / stage).glob(f".*.partial/{marker}")):
-        if proc.poll() is not None or time.time() > deadline:
-            text = log.read_text()[-1500:]
-            return Drill(name, f"{stage} never reached {marker}: {text}", None, False)
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    depth = len(Path(marker).parts)  # the work dir is the marker's depth-th parent
-    (work,) = [p.parents[depth - 1] for p in (cache / stage).glob(f".*.partial/{marker}")]
+    work, failed = kill_when_written(ws, run, stage, marker)
+    if work is None:
+        return Drill(name, failed, None, False)
     what = flip_byte(work / rel)
     rc, text = ws.run(run)
     says = {"warmup": "discarding the checkpoints", "features": "is damaged"}[stage]

@@ -253,6 +253,22 @@ PROGRESS = {
 }
 
 
+def kill_when_written(ws: Workspace, run: str, stage: str, marker: str) -> tuple[Path | None, str]:
+    """Start run ``run`` and SIGKILL it once ``stage``'s work dir holds ``marker``. Returns
+    (that work dir, "") or (None, why it never got there)."""
+    proc, log = ws.start(run)
+    cache = ws.root / run / "cache"
+    deadline = time.time() + 600
+    while not (found := list((cache / stage).glob(f".*.partial/{marker}"))):
+        if proc.poll() is not None or time.time() > deadline:
+            text = log.read_text()[-2000:]
+            return None, f"{stage} never reached {marker} (rc {proc.returncode}): {text}"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return found[0].parents[len(Path(marker).parts) - 1], ""
+
+
 def kill_after_progress_drill(ws: Workspace, stage: str, name: str | None = None) -> Drill:
     """SIGKILL the pipeline as soon as ``stage`` has finished a unit of work (an epoch
     checkpoint, a shard, a benchmark): the re-run must resume from it, not start over, and end
@@ -260,18 +276,10 @@ def kill_after_progress_drill(ws: Workspace, stage: str, name: str | None = None
     ref = digest(ws.reference())
     marker, says = PROGRESS[stage]
     name = name or f"kill-{stage}-after-progress"
-    proc, log = ws.start(name)
     cache = ws.root / name / "cache"
-    deadline = time.time() + 600
-    while not list((cache / stage).glob(f".*.partial/{marker}")):
-        if proc.poll() is not None or time.time() > deadline:
-            text = log.read_text()[-2000:]
-            return Drill(
-                name, f"{stage} never reached {marker} (rc {proc.returncode}): {text}", None, False
-            )
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _, failed = kill_when_written(ws, name, stage, marker)
+    if failed:
+        return Drill(name, failed, None, False)
     rc, text = ws.run(name)
     diff = differences(ref, digest(cache))
     resumed = says in text
