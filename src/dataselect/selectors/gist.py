@@ -81,7 +81,10 @@ class GISTSelector(Selector[GISTCoords | FeatureSet]):
         train_gradient: str = "sgd",
         grouping: str = "subtask",
         n_subtasks: int | None = None,
+        block_rows: int = 2048,
     ):
+        """``block_rows``: pool rows read from the store at a time (``space=sketch``;
+        memory ~ block_rows x d x 8 B, 128 MiB at 2048 x 8192)."""
         if space not in ("exact", "sketch"):
             raise ValueError(f"gist: space must be 'exact' or 'sketch', got {space!r}")
         if grouping not in ("subtask", "authors"):
@@ -92,6 +95,9 @@ class GISTSelector(Selector[GISTCoords | FeatureSet]):
         self.checkpoint, self.energy_weight = checkpoint, energy_weight
         self.train_gradient = train_gradient
         self.grouping, self.n_subtasks = grouping, n_subtasks
+        if block_rows < 1:
+            raise ValueError(f"gist: block_rows must be >= 1, got {block_rows}")
+        self.block_rows = int(block_rows)
 
     def request(self) -> FeatureRequest:
         """Exact: full-D validation gradients and a pass over the pool in their subspace.
@@ -109,9 +115,9 @@ class GISTSelector(Selector[GISTCoords | FeatureSet]):
         sub = task_subspace(val.astype(np.float64), self.k, self.variance)
         rows = ckpt.train.index([e.id for e in pool])
         P = sub.P.astype(np.float64)
-        coords, norms = [], []
-        for s in range(0, len(rows), 8192):
-            block = ckpt.train.features(rows[s : s + 8192])
+        coords, norms = [], []  # O(n k): the store is read a block at a time
+        for s in range(0, len(rows), self.block_rows):
+            block = ckpt.train.features(rows[s : s + self.block_rows], dtype=np.float64)
             coords.append(FAST.dot(block, P.T))
             norms.append(FAST.norms(block))
 

@@ -5,7 +5,9 @@
     one streaming pass over the pool: P^T g and |g| per example (k + 1 floats, not D)
 
 The pool pass depends on the target (its subspace): that is GIST's per-target cost, which
-the keys say (the pool-pass key hashes the validation set and k). The validation side is
+the keys say (the pool-pass key hashes the validation set and k). It is a job of shards like
+the gradient store: it resumes per shard and runs under ``features.distributed`` (DDP ranks,
+a submitit array), the same bytes in every mode. The validation side is
 target-specific too, but shared by every k, variance rule and gradient type.
 """
 
@@ -21,19 +23,19 @@ from omegaconf import DictConfig
 from dataselect.cache import digest
 from dataselect.context import Planned, RunContext, Sizes, product
 from dataselect.features.featurize import Batching
-from dataselect.features.gradients import flat_adam_state, lora_parameters
-from dataselect.features.project import full_gradients, project_pool
+from dataselect.features.project import finish_projection, full_gradients, project_job
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.features.store import GradientStore
 from dataselect.features.stores import (
     CheckpointModels,
     checkpoint_names,
     pick_checkpoints,
+    run_job,
     validation_tokens,
 )
 from dataselect.keys import artifact_key, model_spec, pool_spec, validation_spec, warmup_key
 from dataselect.selectors.gist_subspace import GISTCoords, gram_eig, task_subspace
-from dataselect.training import list_checkpoints, load_optimizer_state
+from dataselect.training import list_checkpoints
 
 
 @dataclass(frozen=True)
@@ -130,28 +132,19 @@ class GISTPass(FeatureRequest[GISTCoords]):
         pool_key = self.key(cfg)
 
         def build(work: Path) -> None:
-            model = model_at(ckpt)
-            adam, meta = None, {}
-            if self.train_gradient == "adam":
-                state, meta = load_optimizer_state(ckpt)
-                adam = flat_adam_state(state, [n for n, _ in lora_parameters(model)])
             spec = {
                 "model": model_spec(cfg),
                 "checkpoint": f"{warmup_dir.name}/{ckpt.name}",
                 "subspace": {"k": sub.k, "validation": digest(val_ids)},
             }
-            project_pool(
-                model,
-                pool_toks,
-                sub.P,
-                work,
-                spec,
-                ctx.tokenizer.pad_token_id,
-                gradient_type=self.train_gradient,
-                adam=adam,
-                adam_meta=meta,
-                batching=Batching.of(fc),
-            )
+            job = project_job(
+                pool_toks, sub.P, work, spec, ctx.tokenizer.pad_token_id,
+                gradient_type=self.train_gradient, checkpoint=ckpt, batching=Batching.of(fc),
+            )  # fmt: skip
+            try:  # in this process, over DDP ranks or a submitit array: the same store
+                run_job(ctx, job, model_at, ckpt, fc.distributed)
+            finally:
+                finish_projection(job)
 
         art = ctx.artifact("gist_pass", pool_key, build, resume=True)
         store = GradientStore(art.path)

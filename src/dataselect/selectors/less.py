@@ -16,6 +16,7 @@ gradients.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -25,9 +26,11 @@ from dataselect.features.stores import FeatureSet, GradientStores
 from dataselect.selectors.base import Selection, Selector, composition, subtask_groups
 from dataselect.selectors.ranking import CANONICAL, FAST, Arithmetic, dot_tolerance, top_k
 
+_CHUNK = 2048  # rows normalized in float64 at a time (128 MiB at d = 8192)
+
 
 def less_scores(
-    train: list[np.ndarray],
+    train: Iterable[np.ndarray],
     val: list[np.ndarray],
     weights: np.ndarray,
     groups: list[np.ndarray],
@@ -36,19 +39,28 @@ def less_scores(
 ) -> np.ndarray:
     """(rows, n_subtasks) = sum_c w_c * score_c, from raw features per checkpoint c (pool
     rows ``train[c]``, validation ``val[c]``): ``code`` averages the per-example cosines of
-    a subtask, ``paper`` takes the cosine with the subtask's mean validation gradient."""
-    out = np.zeros((len(train[0]), len(groups)))
+    a subtask, ``paper`` takes the cosine with the subtask's mean validation gradient.
+    ``train`` may be a generator: one checkpoint's rows are then in memory at a time."""
+    out = None
     for T, V, w in zip(train, val, weights, strict=True):
+        out = np.zeros((len(T), len(groups))) if out is None else out
         if variant == "paper":
             V = np.stack([ar.mean(V[g], axis=0) for g in groups])
-        cos = ar.dot(ar.normalize(T), ar.normalize(V))  # (rows, n_val) or (rows, n_subtasks)
-        if variant == "code":
-            cos = np.stack([ar.mean(cos[:, g], axis=1) for g in groups], axis=1)
-        out += w * cos
+        Vn = ar.normalize(V)
+        for a in range(0, len(T), _CHUNK):  # float64 scratch of _CHUNK rows, not of T
+            cos = ar.dot(ar.normalize(T[a : a + _CHUNK]), Vn)  # (rows, n_val or n_subtasks)
+            if variant == "code":
+                cos = np.stack([ar.mean(cos[:, g], axis=1) for g in groups], axis=1)
+            out[a : a + _CHUNK] += w * cos
+    if out is None:
+        raise ValueError("less: the feature set has no checkpoints")
     return out
 
 
 class LESSSelector(Selector[FeatureSet]):
+    """Scores the pool ``block_rows`` rows at a time, checkpoint after checkpoint, straight
+    from the memory-mapped stores: memory O(block_rows x d) plus O(n x subtasks) scores."""
+
     name = "less"
 
     def __init__(self, variant: str = "code", block_rows: int = 8192):
@@ -70,10 +82,10 @@ class LESSSelector(Selector[FeatureSet]):
         rows = [c.train.index([e.id for e in pool]) for c in features.checkpoints]
 
         def scores(positions: np.ndarray, ar: Arithmetic) -> np.ndarray:
-            train = [
+            train = (  # read lazily: one checkpoint's block at a time
                 c.train.features(r[positions])
                 for c, r in zip(features.checkpoints, rows, strict=True)
-            ]
+            )
             return less_scores(train, vals, weights, groups, self.variant, ar)
 
         out = np.zeros((len(pool), len(names)), dtype=np.float64)

@@ -10,12 +10,15 @@
 
 The reference model is the base model (``model: base``, the papers' setting) or the warmup's
 LoRA at a checkpoint (``model: warmup``). The losses depend on the model and the pool only:
-one pass over the pool, cached and shared by every target (the target is never read).
+one pass over the pool, cached and shared by every target (the target is never read); a job
+of shards (``passes.shard_table``): it resumes per shard and runs under
+``features.distributed``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
@@ -24,13 +27,15 @@ from dataselect.context import Planned, RunContext, Sizes
 from dataselect.data.records import Example
 from dataselect.data.targets import Target
 from dataselect.features.passes import (
+    LMPassJob,
+    PassModel,
     Table,
     answer_loss,
     checkpoint_name,
-    lm_pass,
-    load_model,
+    lm_job,
     model_key,
-    table,
+    pool_runner,
+    shard_table,
 )
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
 from dataselect.keys import artifact_key, pool_spec
@@ -71,22 +76,17 @@ class ExampleLosses(FeatureRequest[Table]):
 
     def build(self, ctx: RunContext, inputs: FeatureInputs) -> Features[Table]:
         toks, _ = ctx.tokenize(inputs.pool, "pool")
-        fc = ctx.cfg.features
+        fc, key = ctx.cfg.features, self.key(ctx.cfg)
+        model = PassModel(ctx, self.model, self.checkpoint, inputs.warmup_dir)
 
-        def compute() -> np.ndarray:
-            model = load_model(ctx, self.model, self.checkpoint, inputs.warmup_dir)
-            return lm_pass(
-                model,
-                toks,
-                ctx.tokenizer.pad_token_id,
-                answer_loss,
-                batch_size=int(fc.batch_size),
-                max_tokens=fc.get("max_tokens"),
-                what="pool losses",
-            ).astype(np.float32)
+        def job_at(out: Path) -> LMPassJob:
+            spec = {"stage": "pool_loss", "key": key}
+            pad = ctx.tokenizer.pad_token_id
+            return lm_job(toks, out, answer_loss, 1, spec, pad, fc, "pool losses")
 
-        key = self.key(ctx.cfg)
-        tab, art = table(ctx, "pool_loss", key, [t.id for t in toks], compute, "pool", len(toks))
+        run = pool_runner(ctx, model)
+        ids = [t.id for t in toks]
+        tab, art = shard_table(ctx, "pool_loss", key, ids, job_at, run, len(toks), scalar=True)
         return Features(tab, key, [art])
 
 

@@ -42,12 +42,15 @@ def tree_sum(x: np.ndarray, axis: int = -1) -> np.ndarray:
     n = x.shape[-1]
     if n <= 1:
         return x[..., 0].copy() if n else np.zeros(x.shape[:-1])
-    p = 1 << (n - 1).bit_length()
-    buf = np.zeros(x.shape[:-1] + (p,))
-    buf[..., :n] = x
-    while p > 1:  # halves added elementwise: one fixed order of IEEE adds
-        p //= 2
-        buf[..., :p] += buf[..., p : 2 * p]
+    h = (1 << (n - 1).bit_length()) // 2  # half the padded length
+    # the first halving step without building the zero padding: x[i] + x[i + h], or
+    # x[i] + (+0.0) where x[i + h] is padding (as the padded tree adds: -0.0 becomes +0.0)
+    buf = np.array(x[..., :h])
+    buf[..., : n - h] += x[..., h:]
+    buf[..., n - h :] += 0.0
+    while h > 1:  # halves added elementwise: one fixed order of IEEE adds
+        h //= 2
+        buf[..., :h] += buf[..., h : 2 * h]
     return buf[..., 0].copy()
 
 
@@ -159,25 +162,51 @@ def top_k(
 
 
 def rank_by_dot(
-    Y: np.ndarray,
+    Y,
     x: np.ndarray,
     cand: np.ndarray | None = None,
     k: int | None = None,
     block: int = 1024,  # rows converted to float64 at a time: 1024 x 8192 x 8 B = 64 MiB
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``cand`` of ``Y`` (all if None; rows of norm <= 1) ranked by dot product with
-    ``x``, canonically: the best ``k`` (all if None) as (row indices, float64 scores)."""
-    x64 = np.asarray(x, dtype=np.float64)
+    ``x``, canonically: the best ``k`` (all if None) as (row indices, float64 scores).
+
+    ``Y`` is an array or anything indexed like one (a ``rowsource.UnitRows``): it is read
+    ``block`` rows at a time, never whole."""
+    return rank_many(Y, np.asarray(x)[None], cand, k, block)[0]
+
+
+def rank_many(
+    Y,
+    xs: np.ndarray,
+    cand: np.ndarray | None = None,
+    k: int | None = None,
+    block: int = 1024,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``rank_by_dot`` for each row of ``xs`` (q, d), all from one pass over ``Y``: the fast
+    scores of a block are one (block, d) x (d, q) product. The same rankings as q separate
+    calls (each is canonical), at the cost of about one."""
+    X64 = np.atleast_2d(np.asarray(xs, dtype=np.float64))
     if cand is None:
         cand = np.arange(len(Y))
-        fast = np.concatenate(
-            [np.asarray(Y[s : s + block], dtype=np.float64) @ x64 for s in range(0, len(Y), block)]
-            or [np.zeros(0)]
-        )
+        parts = (Y[s : s + block] for s in range(0, len(Y), block))
     else:
-        cand = np.asarray(cand, dtype=np.int64)
-        fast = np.asarray(Y[cand], dtype=np.float64) @ x64
-    scale = float(np.sqrt(x64 @ x64)) * (1.0 + 1e-6)  # |y . x| terms sum to <= |y||x|
-    tol = dot_tolerance(np.shape(Y)[1], scale=scale)
-    pos, val = top_k(fast, k, tol, lambda p: canonical_dot(Y[cand[p]], x64), ids=cand)
-    return cand[pos], val
+        cand = np.asarray(cand, dtype=np.int64).ravel()
+        parts = (Y[cand[s : s + block]] for s in range(0, len(cand), block))
+    fast = np.concatenate(
+        [np.asarray(p, dtype=np.float64) @ X64.T for p in parts] or [np.zeros((0, len(X64)))]
+    )
+    d = np.shape(Y)[1]
+    out = []
+    for j, x64 in enumerate(X64):
+        scale = float(np.sqrt(x64 @ x64)) * (1.0 + 1e-6)  # |y . x| terms sum to <= |y||x|
+        tol = dot_tolerance(d, scale=scale)
+
+        def rescore(p: np.ndarray, x64: np.ndarray = x64) -> np.ndarray:
+            rows = cand[p]
+            parts = [canonical_dot(Y[rows[s : s + block]], x64) for s in range(0, len(rows), block)]
+            return np.concatenate(parts or [np.zeros(0)])
+
+        pos, val = top_k(fast[:, j], k, tol, rescore, ids=cand)
+        out.append((cand[pos], val))
+    return out

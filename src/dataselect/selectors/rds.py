@@ -17,13 +17,15 @@ mean over the subtask's validation examples of cos(e(x), e(v)).
 ``model: base`` (default: RDS+ embeds with the model being trained, before training) or
 ``warmup`` (the warmup LoRA at ``checkpoint``, like LESS's gradients). The pool's
 representations depend on the model and the pool only: one forward pass, cached and shared
-by every target; a new target costs its validation examples' forward pass.
+by every target (a job of shards: it resumes per shard and runs under
+``features.distributed``); a new target costs its validation examples' forward pass.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
@@ -32,12 +34,16 @@ from dataselect.context import Planned, RunContext, Sizes
 from dataselect.data.records import Example
 from dataselect.data.targets import Target
 from dataselect.features.passes import (
+    LMPassJob,
     Paired,
+    PassModel,
     checkpoint_name,
     last_token_state,
+    lm_job,
     lm_pass,
-    load_model,
     model_key,
+    pool_runner,
+    shard_table,
     table,
     weighted_mean_state,
 )
@@ -81,43 +87,27 @@ class HiddenStates(FeatureRequest[Paired]):
 
     def build(self, ctx: RunContext, inputs: FeatureInputs) -> Features[Paired]:
         pool_key, val_key = self.keys(ctx.cfg)
-        fc, loaded = ctx.cfg.features, []
-
-        def states(toks, what):
-            def compute() -> np.ndarray:
-                if not loaded:
-                    loaded.append(load_model(ctx, self.model, self.checkpoint, inputs.warmup_dir))
-                return lm_pass(
-                    loaded[0],
-                    toks,
-                    ctx.tokenizer.pad_token_id,
-                    POOLINGS[self.pooling],
-                    batch_size=int(fc.batch_size),
-                    max_tokens=fc.get("max_tokens"),
-                    what=what,
-                ).astype(np.float32)
-
-            return compute
-
+        fc, pad, reduce = ctx.cfg.features, ctx.tokenizer.pad_token_id, POOLINGS[self.pooling]
+        model = PassModel(ctx, self.model, self.checkpoint, inputs.warmup_dir)  # loaded once
         ptoks, _ = ctx.tokenize(inputs.pool, "pool")
         vtoks = validation_tokens(ctx, inputs.target)
-        ptab, part = table(
-            ctx,
-            "hidden_pool",
-            pool_key,
-            [t.id for t in ptoks],
-            states(ptoks, "pool hidden states"),
-            "pool",
-            len(ptoks),
-        )
-        vtab, vart = table(
-            ctx,
-            "hidden_val",
-            val_key,
-            [t.id for t in vtoks],
-            states(vtoks, "validation hidden states"),
-            "target",
-        )
+
+        def job_at(out: Path) -> LMPassJob:
+            spec = {"stage": "hidden_pool", "key": pool_key}
+            dim = model.hidden_size()
+            return lm_job(ptoks, out, reduce, dim, spec, pad, fc, "pool hidden states")
+
+        def validation() -> np.ndarray:
+            what = "validation hidden states"
+            return lm_pass(
+                model(), vtoks, pad, reduce, int(fc.batch_size), fc.get("max_tokens"), what
+            ).astype(np.float32)
+
+        ids = [t.id for t in ptoks]
+        run = pool_runner(ctx, model)  # a job of shards: resumable, features.distributed
+        ptab, part = shard_table(ctx, "hidden_pool", pool_key, ids, job_at, run, len(ptoks))
+        vids = [t.id for t in vtoks]
+        vtab, vart = table(ctx, "hidden_val", val_key, vids, validation, "target")
         return Features(Paired(ptab, vtab), self.key(ctx.cfg), [part, vart])
 
 

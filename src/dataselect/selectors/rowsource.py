@@ -1,0 +1,237 @@
+"""Pool features as unit rows, streamed from the memory-mapped store (G2IS and its graph).
+
+G2IS and its neighbour lists work on the pool's features L2-normalized canonically
+(``graph.unit_rows``: a float64 norm summed by ``tree_sum``, the division in float64, the
+result rounded to float32). At the LESS paper's scale, 270,679 x 8,192, that matrix is 8.9 GB
+in float32 (the fp16 store is 4.4 GB). ``UnitRows`` never builds it: it is a read-only (n, d)
+matrix holding the same float32 values, computed from the store as they are read.
+
+- ``rows[a:b]``, ``rows[i]``, ``rows[idx]``: a block, a row, rows in any order; bitwise the
+  rows of ``unit_rows(store.features())``. Normalizing is row-local, so a row's value does not
+  depend on the block it is read in; each row's canonical norm is computed the first time the
+  row is read and kept (n float64: 2 MB at 270k), later reads only divide.
+- ``dot_blocks(rows, Q)``: ``rows @ Q.T`` block by block, in float32, as a *screen*: every
+  entry within ``dot_tolerance(d, float32)`` of the exact product of the unit rows. On an fp16
+  store it is computed from the raw rows, ``(raw @ Q.T) / norm``, without normalizing the
+  block: the extra error is the float32 rounding of the unit row (<= u |q| |x| = u for unit
+  q) and of the norm and the division (2 u), far inside the bound's slack (the bound is
+  2 (d + 64) u; a float32 product of length d errs by at most ~d u). The callers only use a
+  screen to discard what cannot reach a top k (``graph.py``) and decide near-ties exactly.
+
+Memory: one block of ``block`` rows (64 MiB of float64 at 1024 x 8192) and the norms. Rows
+are read with plain positioned reads (``GradientStore.take``): nothing is mapped, so no file
+pages count in RSS (mapped pages would, as long as they stay mapped). Every caller indexes it
+as a numpy array (``X[i]``, ``X[a:b]``, ``X[idx]``, ``len``, ``shape``): the walk, the
+rankings and the graph take an in-memory array or a ``UnitRows`` alike, with one result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from dataselect.features.store import GradientStore
+from dataselect.selectors.ranking import CANONICAL, dot_tolerance, rank_by_dot
+
+
+class UnitRows:
+    """The store's rows, canonically L2-normalized, as a read-only float32 (n, d) matrix."""
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, store: GradientStore, block: int = 1024):
+        if block < 1:
+            raise ValueError(f"UnitRows: block must be >= 1, got {block}")
+        self.store, self.block = store, int(block)
+        self.shape = (len(store), int(store.dim))
+        self._norm = np.full(len(store), np.nan)  # canonical norms, filled as rows are read
+        self._last: tuple[int, np.ndarray] = (0, np.zeros((0, self.shape[1]), np.float32))
+        self.rows_read = 0  # rows read from the store so far (the I/O, in rows)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"UnitRows({self.store.path}, shape={self.shape})"
+
+    def norms(self, pos: np.ndarray, raw64: np.ndarray) -> np.ndarray:
+        """Canonical norms of the rows at ``pos`` (raw values ``raw64``, float64), cached."""
+        norm = self._norm[pos]
+        todo = np.flatnonzero(np.isnan(norm))
+        for s in range(0, todo.size, self.block):  # bounded scratch: CANONICAL copies rows
+            t = todo[s : s + self.block]
+            norm[t] = CANONICAL.norms(raw64[t])
+        self._norm[pos[todo]] = norm[todo]
+        return norm
+
+    def _unit(self, pos: np.ndarray, raw64: np.ndarray) -> np.ndarray:
+        """``CANONICAL.normalize`` of the raw rows, as float32 (divides ``raw64`` in place)."""
+        self.rows_read += len(pos)
+        n = self.norms(pos, raw64)[:, None]
+        np.divide(raw64, n, out=raw64, where=n > 0)
+        return raw64.astype(np.float32)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (int positions, any order, repeats allowed) as float32 unit rows."""
+        idx = np.asarray(idx, dtype=np.int64).ravel()
+        out = np.empty((idx.size, self.shape[1]), dtype=np.float32)
+        for s in range(0, idx.size, self.block):  # float64 scratch of one block
+            part = idx[s : s + self.block]
+            start, raw = self._last
+            if part.size and start <= part.min() and part.max() < start + len(raw):
+                raw64 = raw[part - start].astype(np.float64)  # in the block just screened
+            else:
+                raw64 = self.store.take(part, np.float64)
+            out[s : s + self.block] = self._unit(part, raw64)
+        return out
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"row {key} out of range for {len(self)} rows ({self.store.path})")
+            return self.take(np.array([i]))[0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return self.take(np.arange(start, stop, step))
+            stop = max(start, stop)
+            return self._unit(np.arange(start, stop), self.store.rows(start, stop, np.float64))
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        return self.take(idx)
+
+    def blocks(self, block: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, float32 unit rows)`` over the whole store, one block in memory at a time."""
+        b = block or self.block
+        for s in range(0, len(self), b):
+            yield s, self[s : s + b]
+
+    def dot_blocks(self, Q: np.ndarray, block: int | None = None):
+        """``(start, S)`` over the store, S ~ ``self[start:start + len(S)] @ Q.T`` (float32),
+        each entry within the float32 bound of the exact product (see the module text)."""
+        b = block or self.block
+        Q = np.asarray(Q, dtype=np.float32)
+        if self.store.dtype != np.float16:  # float32 rows may underflow: normalize them first
+            for s, rows in self.blocks(b):
+                yield s, rows @ Q.T
+            return
+        for s in range(0, len(self), b):
+            raw = self.store.rows(s, min(len(self), s + b), np.float32)  # fp16 -> f32: exact
+            self._last, self.rows_read = (s, raw), self.rows_read + len(raw)
+            yield s, _screen_raw(raw, Q)
+
+    def screen_rows(self, rows: np.ndarray, Q: np.ndarray) -> np.ndarray:
+        """``self[rows] @ Q.T`` as a screen (``dot_blocks``'s bound); rows of the block just
+        screened are not read again."""
+        rows = np.asarray(rows, dtype=np.int64)
+        Q = np.asarray(Q, dtype=np.float32)
+        if self.store.dtype != np.float16:
+            return self[rows] @ Q.T
+        start, raw = self._last
+        if rows.size and start <= rows.min() and rows.max() < start + len(raw):
+            return _screen_raw(raw[rows - start], Q)
+        self.rows_read += len(rows)
+        return _screen_raw(self.store.take(rows, np.float32), Q)
+
+
+def _screen_raw(raw: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """(raw @ Q.T) / |raw| in float32, from raw fp16-valued rows (the module text's bound)."""
+    norm = np.sqrt(np.einsum("ij,ij->i", raw, raw, dtype=np.float64))  # rel. error ~1e-16
+    n32 = norm.astype(np.float32)[:, None]
+    S = raw @ Q.T
+    np.divide(S, n32, out=S, where=n32 > 0)  # a zero row scores 0 either way
+    return S
+
+
+def dot_blocks(X, Q: np.ndarray, block: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, S)`` with S ~ ``X[start:start + len(S)] @ Q.T`` (float32, within the float32
+    bound), for an in-memory array or a ``UnitRows``: the screen every graph step uses."""
+    if isinstance(X, UnitRows):
+        yield from X.dot_blocks(Q, block)
+        return
+    Q = np.asarray(Q, dtype=np.float32)
+    for s in range(0, len(X), block):
+        yield s, np.asarray(X[s : s + block], dtype=np.float32) @ Q.T
+
+
+def screen_rows(X, rows: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """``X[rows] @ Q.T`` as a float32 screen (within the float32 bound)."""
+    if isinstance(X, UnitRows):
+        return X.screen_rows(rows, Q)
+    return np.asarray(X[rows], dtype=np.float32) @ np.asarray(Q, dtype=np.float32).T
+
+
+def screen(X, Q: np.ndarray, block: int = 1024) -> np.ndarray:
+    """(len(Q), n) float32 ~ ``Q @ X.T``, within the float32 bound; one pass over ``X``."""
+    Q = np.atleast_2d(np.asarray(Q, dtype=np.float32))
+    if isinstance(X, np.ndarray):
+        return Q @ X.T
+    S = np.empty((len(Q), len(X)), dtype=np.float32)
+    for s, part in dot_blocks(X, Q, block):
+        S[:, s : s + len(part)] = part.T
+    return S
+
+
+def screen_margin(d: int, scale: float = 1.0) -> float:
+    """How far below a screen's k-th value a row of the exact top k can score: twice the
+    float32 bound (the row's value and the k-th may each be off by one bound)."""
+    return 2.0 * dot_tolerance(d, np.float32, scale=scale * (1.0 + 1e-6))
+
+
+class DotOrder:
+    """The rows of ``X`` by dot product with ``x``, descending: ``rank_by_dot(X, x)``'s
+    canonical order, computed a prefix at a time from a float32 screen of every row (n
+    float32, held): the top m is ranked exactly among the rows the screen cannot rule out,
+    read from ``X``. A walk needs only the top of each order (anchors, the rare fallback), so
+    one cheap screen pass replaces a float64 pass over the store per direction."""
+
+    def __init__(self, X, x: np.ndarray, screen: np.ndarray):
+        self.X, self.x = X, np.asarray(x, dtype=np.float64)
+        self.scores = np.asarray(screen, dtype=np.float32)
+        self.margin = screen_margin(X.shape[1], float(np.sqrt(self.x @ self.x)))
+        self._order = np.zeros(0, dtype=np.int64)
+
+    def prefix(self, m: int) -> np.ndarray:
+        """The first ``m`` rows of the order (all if m >= n)."""
+        n = len(self.scores)
+        m = min(int(m), n)
+        if m > len(self._order):
+            want = min(n, max(m, 2 * len(self._order)))  # grow geometrically
+            cand = None  # all rows
+            if want < n:
+                kth = np.partition(self.scores, n - want)[n - want]
+                cand = np.flatnonzero(self.scores >= kth - self.margin)
+            self._order = rank_by_dot(self.X, self.x, cand, want)[0]
+        return self._order[:m]
+
+    def free(self, taken: np.ndarray, first: int = 1024) -> Iterator[np.ndarray]:
+        """The rows not ``taken``, in order, in consecutive chunks (``taken`` read as each
+        chunk is made): ``np.concatenate`` of them all is ``order[~taken[order]]``."""
+        done, m = 0, first
+        while done < len(self.scores):
+            part = self.prefix(m)[done:]
+            done, m = done + len(part), 2 * m
+            yield part[~taken[part]]
+
+    def first_free(self, taken: np.ndarray, count: int) -> np.ndarray:
+        """The first ``count`` rows not ``taken``, in order."""
+        out, have = [], 0
+        for part in self.free(taken, max(count, 1)):
+            out.append(part)
+            have += len(part)
+            if have >= count:
+                break
+        return np.concatenate(out or [np.zeros(0, dtype=np.int64)])[:count]
+
+
+def dot_orders(X, directions: np.ndarray, block: int = 1024) -> list[DotOrder]:
+    """A ``DotOrder`` per direction, from one screen pass over ``X``."""
+    D = np.atleast_2d(np.asarray(directions, dtype=np.float64))
+    S = np.empty((len(X), len(D)), dtype=np.float32)
+    for s, part in dot_blocks(X, D.astype(np.float32), block):
+        S[s : s + len(part)] = part
+    return [DotOrder(X, D[j], S[:, j].copy()) for j in range(len(D))]
