@@ -12,8 +12,9 @@ each row against ~2 sqrt(n_lists) centroids instead of n_lists (at 270,679 x 8,1
 instead of 520, the pass's product 11x smaller). A query still probes the nearest lists
 among all of them.
 
-Every decision is canonical (``ranking.py``): a float32 screen (``rowsource.dot_blocks``),
-near-ties within its error bound decided exactly, k-means means summed by ``tree_sum``; so the
+Every decision is canonical (``ranking.py``): a screen (``rowsource.dot_blocks``; float64
+against up to 64 centroids, where its bound is tight, else float32), near-ties within its
+error bound decided exactly, k-means means summed by ``tree_sum``; so the
 lists, and the neighbours, are the same on every BLAS kernel, block size and for the store
 streamed or loaded. The rows of recently probed lists are kept (up to ``cache_bytes``): a walk
 probes the same region again and again.
@@ -45,11 +46,15 @@ def _nearest(rows: np.ndarray, C64: np.ndarray, near: np.ndarray) -> np.ndarray:
     return best
 
 
+_PRECISE = 64  # up to this many centroids, screens are float64 (``rowsource.dot_blocks``)
+
+
 def _best(X, rows: np.ndarray, sims: np.ndarray, C64: np.ndarray) -> np.ndarray:
-    """The canonical nearest centroid of rows ``rows`` of ``X``, from ``sims``, their float32
-    screen against the centroids: only rows with near-ties are read and decided exactly."""
+    """The canonical nearest centroid of rows ``rows`` of ``X``, from ``sims``, their screen
+    against the centroids: only rows with near-ties are read and decided exactly."""
     best = np.argmax(sims, axis=1)
-    near = sims >= sims.max(axis=1, keepdims=True) - screen_margin(C64.shape[1])
+    margin = screen_margin(C64.shape[1], precise=len(C64) <= _PRECISE)
+    near = sims >= sims.max(axis=1, keepdims=True) - margin
     amb = np.flatnonzero(near.sum(axis=1) > 1)
     if amb.size:
         best[amb] = _nearest(np.asarray(X[rows[amb]], dtype=np.float32), C64, near[amb])
@@ -60,7 +65,7 @@ def _assign(X, C: np.ndarray, block: int) -> np.ndarray:
     """Each row's nearest centroid, canonically; one pass over ``X``."""
     C64 = C.astype(np.float64)
     out = np.empty(len(X), dtype=np.int64)
-    for s, sims in dot_blocks(X, C, block):
+    for s, sims in dot_blocks(X, C, block, precise=len(C) <= _PRECISE):
         out[s : s + len(sims)] = _best(X, np.arange(s, s + len(sims)), sims, C64)
     return out
 
@@ -71,12 +76,13 @@ def _assign_two_level(X, coarse: np.ndarray, fine: list[np.ndarray], block: int)
     first = np.cumsum([0] + [len(f) for f in fine])
     coarse64, fine64 = coarse.astype(np.float64), [f.astype(np.float64) for f in fine]
     out = np.empty(len(X), dtype=np.int64)
-    for s, sims in dot_blocks(X, coarse, block):
+    for s, sims in dot_blocks(X, coarse, block, precise=len(coarse) <= _PRECISE):
         rows = np.arange(s, s + len(sims))
         cell = _best(X, rows, sims, coarse64)
         for g in np.unique(cell):
             r = rows[cell == g]
-            out[r] = first[g] + _best(X, r, screen_rows(X, r, fine[g]), fine64[g])
+            sims_g = screen_rows(X, r, fine[g], precise=len(fine[g]) <= _PRECISE)
+            out[r] = first[g] + _best(X, r, sims_g, fine64[g])
     return out
 
 

@@ -10,13 +10,14 @@ matrix holding the same float32 values, computed from the store as they are read
   rows of ``unit_rows(store.features())``. Normalizing is row-local, so a row's value does not
   depend on the block it is read in; each row's canonical norm is computed the first time the
   row is read and kept (n float64: 2 MB at 270k), later reads only divide.
-- ``dot_blocks(rows, Q)``: ``rows @ Q.T`` block by block, in float32, as a *screen*: every
-  entry within ``dot_tolerance(d, float32)`` of the exact product of the unit rows. On an fp16
-  store it is computed from the raw rows, ``(raw @ Q.T) / norm``, without normalizing the
-  block: the extra error is the float32 rounding of the unit row (<= u |q| |x| = u for unit
-  q) and of the norm and the division (2 u), far inside the bound's slack (the bound is
-  2 (d + 64) u; a float32 product of length d errs by at most ~d u). The callers only use a
-  screen to discard what cannot reach a top k (``graph.py``) and decide near-ties exactly.
+- ``dot_blocks(rows, Q)``: ``rows @ Q.T`` block by block, as a *screen*: every entry within
+  a known bound of the exact product of the unit rows (``screen_margin``). On an fp16 store
+  it is computed from the raw rows, ``(raw @ Q.T) / norm``, without normalizing the block:
+  the extra error is the float32 rounding of the unit row (<= u |q| |x| = u for unit q) and
+  of the norm and the division (2 u). In float32 that is far inside the bound's slack (the
+  bound is 2 (d + 64) u; a float32 product of length d errs by at most ~d u); in float64
+  (``precise``) it is the bound. The callers use a screen only to discard what cannot reach
+  a top k or a nearest centroid, and decide what is left (near-ties) exactly.
 
 Memory: one block of ``block`` rows (64 MiB of float64 at 1024 x 8192) and the norms. Rows
 are read with plain positioned reads (``GradientStore.take``): nothing is mapped, so no file
@@ -110,59 +111,64 @@ class UnitRows:
         for s in range(0, len(self), b):
             yield s, self[s : s + b]
 
-    def dot_blocks(self, Q: np.ndarray, block: int | None = None):
-        """``(start, S)`` over the store, S ~ ``self[start:start + len(S)] @ Q.T`` (float32),
-        each entry within the float32 bound of the exact product (see the module text)."""
+    def dot_blocks(self, Q: np.ndarray, block: int | None = None, precise: bool = False):
+        """``(start, S)`` over the store, S ~ ``self[start:start + len(S)] @ Q.T``, each entry
+        within ``screen_margin(d, precise=precise) / 2`` of the exact product of unit rows."""
         b = block or self.block
-        Q = np.asarray(Q, dtype=np.float32)
-        if self.store.dtype != np.float16:  # float32 rows may underflow: normalize them first
-            for s, rows in self.blocks(b):
-                yield s, rows @ Q.T
-            return
         for s in range(0, len(self), b):
             raw = self.store.rows(s, min(len(self), s + b), np.float32)  # fp16 -> f32: exact
             self._last, self.rows_read = (s, raw), self.rows_read + len(raw)
-            yield s, _screen_raw(raw, Q)
+            yield s, self._screen(np.arange(s, s + len(raw)), raw, Q, precise)
 
-    def screen_rows(self, rows: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    def screen_rows(self, rows: np.ndarray, Q: np.ndarray, precise: bool = False) -> np.ndarray:
         """``self[rows] @ Q.T`` as a screen (``dot_blocks``'s bound); rows of the block just
         screened are not read again."""
         rows = np.asarray(rows, dtype=np.int64)
-        Q = np.asarray(Q, dtype=np.float32)
-        if self.store.dtype != np.float16:
-            return self[rows] @ Q.T
         start, raw = self._last
         if rows.size and start <= rows.min() and rows.max() < start + len(raw):
-            return _screen_raw(raw[rows - start], Q)
+            return self._screen(rows, raw[rows - start], Q, precise)
         self.rows_read += len(rows)
-        return _screen_raw(self.store.take(rows, np.float32), Q)
+        return self._screen(rows, self.store.take(rows, np.float32), Q, precise)
+
+    def _screen(self, rows: np.ndarray, raw: np.ndarray, Q: np.ndarray, precise: bool):
+        """(raw @ Q.T) / |raw|, without normalizing the rows (the module text's bound)."""
+        if self.store.dtype != np.float16:  # float32 rows may underflow: normalize them first
+            return _product(self._unit(rows, raw.astype(np.float64)), Q, precise)
+        r = raw.astype(np.float64) if precise else raw
+        norm = np.sqrt(np.einsum("ij,ij->i", raw, raw, dtype=np.float64))  # rel. error ~1e-16
+        S = _product(r, Q, precise)
+        n = norm[:, None] if precise else norm.astype(np.float32)[:, None]
+        np.divide(S, n, out=S, where=n > 0)  # a zero row scores 0 either way
+        return S
 
 
-def _screen_raw(raw: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """(raw @ Q.T) / |raw| in float32, from raw fp16-valued rows (the module text's bound)."""
-    norm = np.sqrt(np.einsum("ij,ij->i", raw, raw, dtype=np.float64))  # rel. error ~1e-16
-    n32 = norm.astype(np.float32)[:, None]
-    S = raw @ Q.T
-    np.divide(S, n32, out=S, where=n32 > 0)  # a zero row scores 0 either way
-    return S
+def _product(rows: np.ndarray, Q: np.ndarray, precise: bool) -> np.ndarray:
+    """rows @ Q.T in float64 (``precise``) or float32."""
+    t = np.float64 if precise else np.float32
+    return np.asarray(rows, dtype=t) @ np.asarray(Q, dtype=t).T
 
 
-def dot_blocks(X, Q: np.ndarray, block: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, S)`` with S ~ ``X[start:start + len(S)] @ Q.T`` (float32, within the float32
-    bound), for an in-memory array or a ``UnitRows``: the screen every graph step uses."""
+def dot_blocks(
+    X, Q: np.ndarray, block: int = 1024, precise: bool = False
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, S)`` with S ~ ``X[start:start + len(S)] @ Q.T`` for an in-memory array of
+    unit rows or a ``UnitRows``: each entry within ``screen_margin(d, precise) / 2``.
+
+    float32 (the default) for many columns; ``precise`` (float64 arithmetic) for a few: it
+    costs ~2x the product, and its bound is ~10^4 times tighter, so almost nothing falls in
+    the margin and has to be read and decided exactly."""
     if isinstance(X, UnitRows):
-        yield from X.dot_blocks(Q, block)
+        yield from X.dot_blocks(Q, block, precise)
         return
-    Q = np.asarray(Q, dtype=np.float32)
     for s in range(0, len(X), block):
-        yield s, np.asarray(X[s : s + block], dtype=np.float32) @ Q.T
+        yield s, _product(X[s : s + block], Q, precise)
 
 
-def screen_rows(X, rows: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """``X[rows] @ Q.T`` as a float32 screen (within the float32 bound)."""
+def screen_rows(X, rows: np.ndarray, Q: np.ndarray, precise: bool = False) -> np.ndarray:
+    """``X[rows] @ Q.T`` as a screen (``dot_blocks``'s bound)."""
     if isinstance(X, UnitRows):
-        return X.screen_rows(rows, Q)
-    return np.asarray(X[rows], dtype=np.float32) @ np.asarray(Q, dtype=np.float32).T
+        return X.screen_rows(rows, Q, precise)
+    return _product(X[rows], Q, precise)
 
 
 def screen(X, Q: np.ndarray, block: int = 1024) -> np.ndarray:
@@ -176,23 +182,30 @@ def screen(X, Q: np.ndarray, block: int = 1024) -> np.ndarray:
     return S
 
 
-def screen_margin(d: int, scale: float = 1.0) -> float:
+def screen_margin(d: int, scale: float = 1.0, precise: bool = False) -> float:
     """How far below a screen's k-th value a row of the exact top k can score: twice the
-    float32 bound (the row's value and the k-th may each be off by one bound)."""
-    return 2.0 * dot_tolerance(d, np.float32, scale=scale * (1.0 + 1e-6))
+    bound on |screen - exact| (the row's value and the k-th may each be off by one bound).
+
+    float32: the float32 bound of a length-d product. ``precise``: the float32 rounding of
+    the unit row (u32 = 2^-24 relative per coordinate, doubled for the norm and the division)
+    plus the float64 bound of the product."""
+    s = scale * (1.0 + 1e-6)
+    if precise:
+        return 2.0 * (2.0 * 2.0**-24 * s + dot_tolerance(d, np.float64, scale=s))
+    return 2.0 * dot_tolerance(d, np.float32, scale=s)
 
 
 class DotOrder:
     """The rows of ``X`` by dot product with ``x``, descending: ``rank_by_dot(X, x)``'s
-    canonical order, computed a prefix at a time from a float32 screen of every row (n
-    float32, held): the top m is ranked exactly among the rows the screen cannot rule out,
-    read from ``X``. A walk needs only the top of each order (anchors, the rare fallback), so
-    one cheap screen pass replaces a float64 pass over the store per direction."""
+    canonical order, computed a prefix at a time from a precise screen of every row (n
+    float64, held): the top m is ranked exactly among the rows the screen cannot rule out,
+    read from ``X``. A walk reads only the top of each order (anchors, the rare fallback), so
+    one screen pass for every direction replaces a canonical ranking of the whole store."""
 
     def __init__(self, X, x: np.ndarray, screen: np.ndarray):
         self.X, self.x = X, np.asarray(x, dtype=np.float64)
-        self.scores = np.asarray(screen, dtype=np.float32)
-        self.margin = screen_margin(X.shape[1], float(np.sqrt(self.x @ self.x)))
+        self.scores = np.asarray(screen, dtype=np.float64)
+        self.margin = screen_margin(X.shape[1], float(np.sqrt(self.x @ self.x)), precise=True)
         self._order = np.zeros(0, dtype=np.int64)
 
     def prefix(self, m: int) -> np.ndarray:
@@ -231,7 +244,7 @@ class DotOrder:
 def dot_orders(X, directions: np.ndarray, block: int = 1024) -> list[DotOrder]:
     """A ``DotOrder`` per direction, from one screen pass over ``X``."""
     D = np.atleast_2d(np.asarray(directions, dtype=np.float64))
-    S = np.empty((len(X), len(D)), dtype=np.float32)
-    for s, part in dot_blocks(X, D.astype(np.float32), block):
+    S = np.empty((len(X), len(D)))
+    for s, part in dot_blocks(X, D, block, precise=True):
         S[s : s + len(part)] = part
     return [DotOrder(X, D[j], S[:, j].copy()) for j in range(len(D))]
