@@ -14,6 +14,7 @@ from dataselect.data.formatting import tokenize_examples
 from dataselect.features import featurize as fz
 from dataselect.features.factorized import (
     FactorizedSketch,
+    auto_factor,
     block_sq_norms,
     check_gradient_type,
     factorized_spec,
@@ -26,6 +27,7 @@ from dataselect.features.sketch import (
     SketchMismatch,
     SketchSpec,
     check_same_sketch,
+    factor_dims,
     mix64_py,
 )
 from dataselect.training import collate
@@ -275,3 +277,63 @@ def test_featurize_store_end_to_end(tiny_model_dir, tiny_tokenizer, toy_examples
     loop = run(tmp_path / "loop", "loop")
     assert loop.ids == store.ids
     assert np.allclose(loop.features(), store.features(), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- in the config
+
+
+def test_auto_factor_is_the_smallest_reaching_dim():
+    blocks = [(8, 576), (576, 8), (8, 576), (192, 8)]
+
+    def d(k):
+        return sum(a * b for a, b in factor_dims(blocks, k))
+
+    for dim in (1, 100, 383, 384, 385, 4000, d(576)):
+        k = auto_factor(blocks, dim)
+        assert d(k) >= dim and (k == 1 or d(k - 1) < dim), dim
+    assert auto_factor(blocks, d(576) + 1) == 576  # unreachable: every side whole (d = D)
+    with pytest.raises(ValueError, match="dim >= 1"):
+        auto_factor(blocks, 0)
+
+
+def test_pipeline_runs_a_factorized_sketch_and_refuses_adam_before_warmup(tmp_path):
+    """`features.sketch.kind=factorized` through the pipeline: the pool and validation stores
+    are the factorized sketch with the factor chosen from `dim`, LESS selects from them; with
+    Adam features the run stops before any warmup is trained."""
+    from test_pipeline import run as run_pipeline
+
+    from dataselect.features.store import GradientStore
+
+    fact = ["selector=less", "stage=select", "features.sketch.kind=factorized"]
+    with pytest.raises(ValueError, match="cannot sketch 'adam' features"):
+        run_pipeline(tmp_path, *fact)
+    assert not (tmp_path / "cache" / "warmup").exists() or not any(
+        (tmp_path / "cache" / "warmup").iterdir()
+    )
+    out = run_pipeline(tmp_path, *fact, "features.gradient_type=sgd", "features.sketch.dim=300")
+    stores = [GradientStore(p) for p in sorted((tmp_path / "cache" / "features").glob("[!.]*"))]
+    stores += [GradientStore(p) for p in (tmp_path / "cache" / "features_val").glob("[!.]*")]
+    assert len(stores) == 4  # pool and validation at 2 checkpoints
+    for s in stores:
+        sk = s.meta["spec"]["sketch"]
+        blocks = [tuple(b) for b in sk["blocks"]]
+        assert sk["kind"] == "factorized" and sk["factor"] == auto_factor(blocks, 300)
+        assert s.dim == sum(a * b for a, b in factor_dims(blocks, sk["factor"])) >= 300
+    assert out["sizes"]["budget"] == 8
+    assert len((tmp_path / "run1" / "selection.jsonl").read_text().splitlines()) == 8
+
+
+def test_factor_is_in_the_store_key_only_for_the_factorized_kind():
+    from hydra import compose, initialize_config_dir
+    from test_pipeline import CONF
+
+    from dataselect.keys import features_keys
+
+    def keys(*over):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=["model=tiny_random", *over])
+        return features_keys(cfg, cfg.features, "epoch_1")
+
+    assert keys() == keys("features.sketch.factor=5")  # sjlt: factor decides nothing
+    fact = "features.sketch.kind=factorized"
+    assert len({keys(fact), keys(fact, "features.sketch.factor=5"), keys()}) == 3

@@ -74,7 +74,9 @@ class WarmupConfig(TrainConfig):
 @dataclass
 class SketchConfig:
     kind: str = "sjlt"  # rademacher | gaussian (dense, LESS/TRAK; GPU) | sjlt | countsketch | none
-    dim: int = 8192  # d, the sketched dimension
+    # | factorized (per LoRA weight, from the hooks; sgd features only)
+    dim: int = 8192  # d, the sketched dimension (factorized: at least d, via the factor)
+    factor: int | None = None  # factorized: k per side; None = the smallest k giving >= dim
     seed: int = 0
     nnz: int = 4  # sjlt: nonzeros per input coordinate
     block_rows: int = 8192  # dense kinds: rows of the D x d matrix generated at a time

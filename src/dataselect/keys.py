@@ -97,6 +97,13 @@ def validation_spec(cfg: DictConfig) -> dict:
     }
 
 
+def sketch_key(sc: DictConfig) -> dict:
+    """What of ``features.sketch`` decides the matrix: ``block_rows`` never does, and
+    ``factor`` only for the factorized kind (so adding it kept every other store's key)."""
+    skip = {"block_rows"} | (set() if sc.kind == "factorized" else {"factor"})
+    return {k: v for k, v in _plain(sc).items() if k not in skip}
+
+
 def features_keys(cfg: DictConfig, fc: DictConfig, checkpoint: str) -> tuple[str, str]:
     """(pool store key, validation store key) at one warmup checkpoint. The pool store is
     target-agnostic; the validation store is always SGD and depends only on the sketch."""
@@ -105,7 +112,7 @@ def features_keys(cfg: DictConfig, fc: DictConfig, checkpoint: str) -> tuple[str
         "warmup": warmup_key(cfg),
         "checkpoint": checkpoint,
         "method": fc.method,
-        "sketch": {k: v for k, v in _plain(fc.sketch).items() if k != "block_rows"},
+        "sketch": sketch_key(fc.sketch),
         "dtype": fc.dtype,
     }
     pool = {

@@ -75,6 +75,9 @@ def run_pipeline(cfg: DictConfig, tracker=None) -> dict[str, Any]:
     if any(s.name == "select" for s in stages):  # an impossible budget fails now, not later
         _, fst = ctx.tokenize(pool, "pool")
         selector.budget(cfg.budget, fst.kept, cfg.budget_rounding)
+        request = selector.request()
+        if request is not None:  # features it cannot build (a sketch / type clash) fail now too
+            request.key(cfg)
     metrics: dict[str, Any] = {
         "selector": selector.name,
         "target": target.name,

@@ -58,9 +58,14 @@ ROUTES = ("auto", "factors", "full")
 _M64 = (1 << 64) - 1
 
 
-def factorized_spec(model, factor: int, seed: int = 0) -> SketchSpec:
+def factorized_spec(model, factor: int | None, seed: int = 0, dim: int | None = None) -> SketchSpec:
     """The factorized sketch of ``model``'s LoRA weights (their (out, in) shapes, in
-    ``lora_parameters`` order) with factor dimension ``factor``."""
+    ``lora_parameters`` order) with factor dimension ``factor``; ``factor=None`` takes the
+    smallest factor whose output dimension reaches ``dim`` (``auto_factor``)."""
+    if factor is None:
+        if dim is None:
+            raise ValueError("a factorized sketch needs a factor or a target dim")
+        factor = auto_factor([tuple(p.shape) for _, p in lora_parameters(model)], dim)
     if factor < 1:
         raise ValueError(f"a factorized sketch needs factor >= 1, got {factor}")
     params = lora_parameters(model)
@@ -76,9 +81,31 @@ def factorized_spec(model, factor: int, seed: int = 0) -> SketchSpec:
     return SketchSpec("factorized", D, d, seed, factor=factor, blocks=blocks)
 
 
-def check_gradient_type(spec: SketchSpec, gradient_type: str) -> None:
-    """Raise unless the features can be sketched by ``spec`` (factorized: SGD only)."""
-    if spec.kind == "factorized" and gradient_type != "sgd":
+def auto_factor(blocks, dim: int) -> int:
+    """The smallest factor k whose factorized sketch of ``blocks`` ((out, in) shapes) has at
+    least ``dim`` dimensions; the largest useful k (every side whole, d = D) if none has."""
+    if dim < 1:
+        raise ValueError(f"a factorized sketch needs dim >= 1, got {dim}")
+    blocks = [(int(o), int(i)) for o, i in blocks]
+    top = max(max(b) for b in blocks)
+
+    def d(k: int) -> int:
+        return sum(a * b for a, b in factor_dims(blocks, k))
+
+    lo, hi = 1, top  # d is non-decreasing in k: bisect for the first k with d(k) >= dim
+    if d(hi) < dim:
+        return hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if d(mid) < dim else (lo, mid)
+    return lo
+
+
+def check_gradient_type(spec: SketchSpec | str, gradient_type: str) -> None:
+    """Raise unless the features can be sketched by ``spec`` (or a sketch of that kind):
+    factorized sketches take SGD features only."""
+    kind = spec if isinstance(spec, str) else spec.kind
+    if kind == "factorized" and gradient_type != "sgd":
         raise ValueError(
             f"sketch kind 'factorized' cannot sketch {gradient_type!r} features: it projects each "
             "LoRA weight's gradient from its two factors without forming it, which only the "

@@ -21,6 +21,7 @@ from dataselect.cache import digest
 from dataselect.context import Planned, RunContext, Sizes, product
 from dataselect.data.targets import Target
 from dataselect.features.distributed import ModelAt, run_sharded
+from dataselect.features.factorized import check_gradient_type, factorized_spec
 from dataselect.features.featurize import Batching, eps_share, featurize_job
 from dataselect.features.gradients import grad_dim
 from dataselect.features.request import FeatureInputs, FeatureRequest, Features
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
+
+# Sketch kinds whose output dimension is ``features.sketch.dim`` exactly (``none``: D; a
+# factorized sketch: the dimension of its factor, about ``dim``; see ``sketch_spec``).
+DIM_IS_D = ("sjlt", "countsketch", "rademacher", "gaussian")
 
 # The spec keys two stores must share to be compared (the sketch includes its seed and dims).
 COMPARABLE = ("model", "checkpoint", "sketch", "layout")
@@ -61,7 +66,14 @@ class FeatureSet:
         return lrs / lrs.sum()
 
 
-def sketch_spec(sc: DictConfig, dim_in: int) -> SketchSpec:
+def sketch_spec(sc: DictConfig, model) -> SketchSpec:
+    """The ``features.sketch`` config's matrix for ``model``'s LoRA gradients (a factorized
+    sketch takes its blocks from the model and, with ``factor: null``, its factor from
+    ``dim``: ``factorized.factorized_spec``)."""
+    if sc.kind == "factorized":
+        factor = sc.get("factor")
+        return factorized_spec(model, None if factor is None else int(factor), sc.seed, sc.dim)
+    dim_in = grad_dim(model)
     return SketchSpec(
         kind=sc.kind,
         dim_in=dim_in,
@@ -168,7 +180,9 @@ class GradientStores(FeatureRequest[FeatureSet]):
             over["gradient_type"] = self.gradient_type
         if self.checkpoints is not None:
             over["checkpoints"] = list(self.checkpoints)
-        return OmegaConf.merge(cfg.features, over)
+        fc = OmegaConf.merge(cfg.features, over)
+        check_gradient_type(fc.sketch.kind, fc.gradient_type)  # before any warmup is paid for
+        return fc
 
     def _keys(self, cfg: DictConfig) -> list[tuple[str, str, str]]:
         fc = self.config(cfg)
@@ -180,7 +194,7 @@ class GradientStores(FeatureRequest[FeatureSet]):
 
     def estimate(self, cfg: DictConfig, sizes: Sizes) -> list[Planned]:
         fc = self.config(cfg)
-        dim = sizes.grad_dim if fc.sketch.kind == "none" else int(fc.sketch.dim)
+        dim = sizes.grad_dim if fc.sketch.kind == "none" else int(fc.sketch.dim)  # factorized: ~
         per = DTYPE_BYTES.get(fc.dtype, 4)
 
         def nbytes(n):
@@ -230,7 +244,7 @@ class GradientStores(FeatureRequest[FeatureSet]):
                         toks,
                         work,
                         gradient_type=gtype,
-                        sketch=sketch_spec(fc.sketch, grad_dim(model)),
+                        sketch=sketch_spec(fc.sketch, model),
                         spec=spec,
                         checkpoint=ckpt,
                         pad_id=ctx.tokenizer.pad_token_id,
@@ -248,7 +262,7 @@ class GradientStores(FeatureRequest[FeatureSet]):
                         **spec,
                         "gradient_type": gtype,
                         "sketch": {k: fc.sketch[k] for k in ("kind", "seed")}
-                        | ({"dim_out": fc.sketch.dim} if fc.sketch.kind != "none" else {}),
+                        | ({"dim_out": fc.sketch.dim} if fc.sketch.kind in DIM_IS_D else {}),
                     }
                 )
                 if stage == "features":

@@ -146,6 +146,7 @@ class _Component:
         self.size = 0
         self.sum = np.zeros(X.shape[1], dtype=np.float64)
         self.blocked = np.zeros(len(X), dtype=bool)  # conflicts only grow with the set
+        self.checked = np.zeros(len(X), dtype=np.int64)  # members a row is known not to oppose
 
     def add(self, z: int) -> None:
         g = self.X[z].astype(np.float64)
@@ -173,12 +174,7 @@ class _Component:
             C = self.X[c].astype(np.float64)
             ok = np.ones(len(c), dtype=bool)
             if self.conflict_rule and self.size:
-                dots = C @ self.members[: self.size].T
-                r, m = np.nonzero(np.abs(dots) <= e)  # sign unsure: decide canonically
-                dots[r, m] = tree_sum(C[r] * self.members[m])
-                conflict = (dots < 0).any(axis=1)
-                self.blocked[c[conflict]] = True
-                ok &= ~conflict
+                ok &= ~self._conflicts(c, C, e)
             if self.consistency_rule:
                 num = sk + C @ self.kv  # (sum_S g + g_z) . kv
                 n2 = sn2 + 2.0 * (C @ self.sum) + np.einsum("ij,ij->i", C, C)
@@ -196,6 +192,25 @@ class _Component:
             if hit.size:
                 return int(c[hit[0]])
         return None
+
+    def _conflicts(self, c: np.ndarray, C: np.ndarray, e: float) -> np.ndarray:
+        """Which rows ``c`` (values ``C``) have a negative dot product with a member; a dot
+        within ``e`` of 0 is decided canonically. A row found free of conflict is not checked
+        again against the same members (the set only grows): it costs the new members only."""
+        out = np.zeros(len(c), dtype=bool)
+        done = self.checked[c]
+        for rows in (np.flatnonzero(done == 0), np.flatnonzero(done > 0)):
+            lo = int(done[rows].min()) if rows.size else self.size
+            if lo >= self.size:
+                continue
+            dots = C[rows] @ self.members[lo : self.size].T
+            fresh = np.arange(lo, self.size)[None, :] >= done[rows][:, None]
+            r, m = np.nonzero(fresh & (np.abs(dots) <= e))  # sign unsure: decide canonically
+            dots[r, m] = tree_sum(C[rows[r]] * self.members[lo + m])
+            out[rows] = ((dots < 0) & fresh).any(axis=1)
+        self.blocked[c[out]] = True
+        self.checked[c[~out]] = self.size
+        return out
 
 
 def _consistency(num: np.ndarray, n2: np.ndarray) -> np.ndarray:

@@ -13,11 +13,11 @@ instead of 520, the pass's product 11x smaller). A query still probes the neares
 among all of them.
 
 Every decision is canonical (``ranking.py``): a screen (``rowsource.dot_blocks``; float64
-against up to 64 centroids, where its bound is tight, else float32), near-ties within its
-error bound decided exactly, k-means means summed by ``tree_sum``; so the
-lists, and the neighbours, are the same on every BLAS kernel, block size and for the store
-streamed or loaded. The rows of recently probed lists are kept (up to ``cache_bytes``): a walk
-probes the same region again and again.
+against up to 64 centroids of a streamed store, where its tight bound spares re-reading
+rows, else float32), near-ties within its error bound decided exactly, k-means means summed
+by ``tree_sum``; so the lists, and the neighbours, are the same on every BLAS kernel, block
+size and for the store streamed or loaded. The raw rows of recently probed lists are kept
+(up to ``cache_bytes``): a walk probes the same region again and again.
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from collections import OrderedDict
 import numpy as np
 
 from dataselect.selectors.ranking import CANONICAL, dot_tolerance, rank_by_dot, tree_sum
-from dataselect.selectors.rowsource import dot_blocks, screen_margin, screen_rows
+from dataselect.selectors.rowsource import (
+    UnitRows,
+    dot_blocks,
+    raw_rows,
+    screen_margin,
+    screen_rows,
+    unit_of,
+)
 
 
 def _nearest(rows: np.ndarray, C64: np.ndarray, near: np.ndarray) -> np.ndarray:
@@ -46,14 +53,17 @@ def _nearest(rows: np.ndarray, C64: np.ndarray, near: np.ndarray) -> np.ndarray:
     return best
 
 
-_PRECISE = 64  # up to this many centroids, screens are float64 (``rowsource.dot_blocks``)
+def _precise(X, C: np.ndarray) -> bool:
+    """Screen in float64 (``rowsource.dot_blocks``) a streamed store against up to 64
+    centroids: a near-tie there costs a read of the row, and float64 leaves almost none."""
+    return isinstance(X, UnitRows) and len(C) <= 64
 
 
 def _best(X, rows: np.ndarray, sims: np.ndarray, C64: np.ndarray) -> np.ndarray:
     """The canonical nearest centroid of rows ``rows`` of ``X``, from ``sims``, their screen
     against the centroids: only rows with near-ties are read and decided exactly."""
     best = np.argmax(sims, axis=1)
-    margin = screen_margin(C64.shape[1], precise=len(C64) <= _PRECISE)
+    margin = screen_margin(C64.shape[1], precise=sims.dtype == np.float64)
     near = sims >= sims.max(axis=1, keepdims=True) - margin
     amb = np.flatnonzero(near.sum(axis=1) > 1)
     if amb.size:
@@ -65,7 +75,7 @@ def _assign(X, C: np.ndarray, block: int) -> np.ndarray:
     """Each row's nearest centroid, canonically; one pass over ``X``."""
     C64 = C.astype(np.float64)
     out = np.empty(len(X), dtype=np.int64)
-    for s, sims in dot_blocks(X, C, block, precise=len(C) <= _PRECISE):
+    for s, sims in dot_blocks(X, C, block, precise=_precise(X, C)):
         out[s : s + len(sims)] = _best(X, np.arange(s, s + len(sims)), sims, C64)
     return out
 
@@ -76,12 +86,12 @@ def _assign_two_level(X, coarse: np.ndarray, fine: list[np.ndarray], block: int)
     first = np.cumsum([0] + [len(f) for f in fine])
     coarse64, fine64 = coarse.astype(np.float64), [f.astype(np.float64) for f in fine]
     out = np.empty(len(X), dtype=np.int64)
-    for s, sims in dot_blocks(X, coarse, block, precise=len(coarse) <= _PRECISE):
+    for s, sims in dot_blocks(X, coarse, block, precise=_precise(X, coarse)):
         rows = np.arange(s, s + len(sims))
         cell = _best(X, rows, sims, coarse64)
         for g in np.unique(cell):
             r = rows[cell == g]
-            sims_g = screen_rows(X, r, fine[g], precise=len(fine[g]) <= _PRECISE)
+            sims_g = screen_rows(X, r, fine[g], precise=_precise(X, fine[g]))
             out[r] = first[g] + _best(X, r, sims_g, fine64[g])
     return out
 
@@ -170,27 +180,32 @@ class IVFIndex:
         self._bytes = 0
         self.list_reads = 0
 
-    def _list_rows(self, c: int) -> np.ndarray:
+    def _list_rows(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """List ``c``'s rows as ``rowsource.raw_rows`` gives them (kept, most recent last)."""
         if c in self._rows:
             self._rows.move_to_end(c)
             return self._rows[c]
-        R = np.asarray(self.X[self.lists[c]], dtype=np.float32)
+        R, norm = raw_rows(self.X, self.lists[c])
         self.list_reads += 1
-        self._rows[c] = R
-        self._bytes += R.nbytes
+        self._rows[c] = R, norm
+        self._bytes += R.nbytes + norm.nbytes
         while self._bytes > self.cache_bytes and len(self._rows) > 1:
-            self._bytes -= self._rows.popitem(last=False)[1].nbytes
-        return R
+            old = self._rows.popitem(last=False)[1]
+            self._bytes -= old[0].nbytes + old[1].nbytes
+        return R, norm
 
     def neighbours(self, i: int, k: int) -> np.ndarray:
         """The canonical top ``k`` of the rows in node ``i``'s probed lists (self excluded):
-        a float32 screen of the probed rows, then the exact ranking of those within twice
-        the float32 bound of the screen's k-th value (``graph._rank_rows``'s argument)."""
+        a float32 screen of the probed rows (from their raw rows), then the exact ranking of
+        those within twice its bound of the screen's k-th value (``graph._rank_rows``)."""
         x = np.asarray(self.X[i], dtype=np.float32)
-        probes = rank_by_dot(self.C64, x, None, self.n_probe)[0]
-        rows = [self._list_rows(int(c)) for c in probes]
+        near = self.C @ x  # a float32 screen of the centroids, then the near ones exactly
+        p = min(self.n_probe, len(near))
+        near = np.flatnonzero(near >= np.partition(near, len(near) - p)[-p] - screen_margin(len(x)))
+        probes = rank_by_dot(self.C64, x, near, p)[0]
+        parts = [self._list_rows(int(c)) for c in probes]
         cand = np.concatenate([self.lists[c] for c in probes])
-        sims = np.concatenate([R @ x for R in rows])  # the float32 screen
+        sims = np.concatenate([_divide(R @ x, norm) for R, norm in parts])
         sims[cand == i] = -np.inf
         k = min(int(k), cand.size - int((cand == i).any()))
         if k <= 0:
@@ -198,7 +213,13 @@ class IVFIndex:
         kth = np.partition(sims, sims.size - k)[sims.size - k]
         sub = np.flatnonzero(sims >= kth - screen_margin(len(x)))
         sub = sub[np.argsort(cand[sub])]  # by row index: rank_by_dot breaks ties by position
-        offsets = np.cumsum([0] + [len(R) for R in rows])
+        offsets = np.cumsum([0] + [len(R) for R, _ in parts])
         j = np.searchsorted(offsets, sub, side="right") - 1
-        R = np.stack([rows[a][p - offsets[a]] for a, p in zip(j, sub, strict=True)])
+        raw = np.stack([parts[a][0][p - offsets[a]] for a, p in zip(j, sub, strict=True)])
+        R = unit_of(self.X, cand[sub], raw)
         return cand[sub][rank_by_dot(R, x, None, k)[0]].astype(np.int32)
+
+
+def _divide(sims: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """sims / norm, 0 where the norm is 0 (a zero row)."""
+    return np.divide(sims, norm, out=np.zeros_like(sims), where=norm > 0)

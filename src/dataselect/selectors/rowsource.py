@@ -28,6 +28,7 @@ rankings and the graph take an in-memory array or a ``UnitRows`` alike, with one
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
@@ -42,10 +43,14 @@ class UnitRows:
     ndim = 2
     dtype = np.dtype(np.float32)
 
-    def __init__(self, store: GradientStore, block: int = 1024):
+    def __init__(self, store: GradientStore, block: int = 1024, cache_rows: int = 8192):
+        """``cache_rows``: the most recently read rows of small reads (<= 512 rows) are kept,
+        up to this many (8192 x 8192 x 4 B = 256 MiB): a walk reads the same neighbourhoods
+        again and again."""
         if block < 1:
             raise ValueError(f"UnitRows: block must be >= 1, got {block}")
-        self.store, self.block = store, int(block)
+        self.store, self.block, self.cache_rows = store, int(block), int(cache_rows)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.shape = (len(store), int(store.dim))
         self._norm = np.full(len(store), np.nan)  # canonical norms, filled as rows are read
         self._last: tuple[int, np.ndarray] = (0, np.zeros((0, self.shape[1]), np.float32))
@@ -78,15 +83,33 @@ class UnitRows:
         """Rows ``idx`` (int positions, any order, repeats allowed) as float32 unit rows."""
         idx = np.asarray(idx, dtype=np.int64).ravel()
         out = np.empty((idx.size, self.shape[1]), dtype=np.float32)
-        for s in range(0, idx.size, self.block):  # float64 scratch of one block
-            part = idx[s : s + self.block]
+        small = 0 < idx.size <= 512 and self.cache_rows > 0
+        miss = np.arange(idx.size)
+        if small:
+            hit = np.fromiter((i in self._cache for i in idx.tolist()), bool, idx.size)
+            for p in np.flatnonzero(hit).tolist():
+                out[p] = self._cache[int(idx[p])]
+                self._cache.move_to_end(int(idx[p]))
+            miss = np.flatnonzero(~hit)
+        for s in range(0, miss.size, self.block):  # float64 scratch of one block
+            at = miss[s : s + self.block]
+            part = idx[at]
             start, raw = self._last
-            if part.size and start <= part.min() and part.max() < start + len(raw):
+            if start <= part.min() and part.max() < start + len(raw):
                 raw64 = raw[part - start].astype(np.float64)  # in the block just screened
             else:
                 raw64 = self.store.take(part, np.float64)
-            out[s : s + self.block] = self._unit(part, raw64)
+            out[at] = self._unit(part, raw64)
+            if small:
+                self._keep(part, out[at])
         return out
+
+    def _keep(self, rows: np.ndarray, unit: np.ndarray) -> None:
+        for i, row in zip(rows.tolist(), unit, strict=True):
+            self._cache[i] = row
+            self._cache.move_to_end(i)
+        while len(self._cache) > self.cache_rows:
+            self._cache.popitem(last=False)
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, (int, np.integer)):
@@ -130,6 +153,27 @@ class UnitRows:
         self.rows_read += len(rows)
         return self._screen(rows, self.store.take(rows, np.float32), Q, precise)
 
+    def raw(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``rows`` as (float32 rows R, float32 norms n): R / n is a float32 screen of
+        the unit rows (``dot_blocks``'s bound) and ``unit(rows, R)`` gives them exactly. From
+        an fp16 store, R holds the raw rows: no canonical norm is computed."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.store.dtype != np.float16:
+            return self.take(rows), np.ones(len(rows), dtype=np.float32)
+        self.rows_read += len(rows)
+        R = self.store.take(rows, np.float32)
+        return R, np.sqrt(np.einsum("ij,ij->i", R, R, dtype=np.float64)).astype(np.float32)
+
+    def unit(self, rows: np.ndarray, R: np.ndarray) -> np.ndarray:
+        """The unit rows ``rows``, exactly, from their ``raw`` R."""
+        if self.store.dtype != np.float16:
+            return R
+        rows = np.asarray(rows, dtype=np.int64)
+        unit = self._unit(rows, R.astype(np.float64))
+        if self.cache_rows > 0:
+            self._keep(rows[-self.cache_rows :], unit[-self.cache_rows :])
+        return unit
+
     def _screen(self, rows: np.ndarray, raw: np.ndarray, Q: np.ndarray, precise: bool):
         """(raw @ Q.T) / |raw|, without normalizing the rows (the module text's bound)."""
         if self.store.dtype != np.float16:  # float32 rows may underflow: normalize them first
@@ -169,6 +213,18 @@ def screen_rows(X, rows: np.ndarray, Q: np.ndarray, precise: bool = False) -> np
     if isinstance(X, UnitRows):
         return X.screen_rows(rows, Q, precise)
     return _product(X[rows], Q, precise)
+
+
+def raw_rows(X, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``UnitRows.raw`` for any ``X``: an array's unit rows come with norms 1."""
+    if isinstance(X, UnitRows):
+        return X.raw(rows)
+    return np.asarray(X[rows], dtype=np.float32), np.ones(len(rows), dtype=np.float32)
+
+
+def unit_of(X, rows: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """``UnitRows.unit`` for any ``X``: the exact unit rows from what ``raw_rows`` gave."""
+    return X.unit(rows, R) if isinstance(X, UnitRows) else R
 
 
 def screen(X, Q: np.ndarray, block: int = 1024) -> np.ndarray:
