@@ -195,3 +195,30 @@ def test_pipeline_runs_a_baseline_pass_as_an_array_into_the_same_table(
     assert sorted(tasks) == [([0, 2, 4], 3), ([1, 3], 2)]  # 40 examples, 5 shards of 8
     assert got[0] == got[1]
     assert not (tmp_path / "one" / "cache" / stage / got[0][0] / "shards").exists()
+
+
+def test_a_loss_pass_caps_its_batches_at_max_batch_tokens(lm, tmp_path, monkeypatch):
+    """``features.max_batch_tokens`` bounds the baselines' pool passes as it bounds
+    featurizing (padded tokens per batch), and the capped pass gives the same losses."""
+    from dataselect.features import passes
+
+    load, toks, pad, _ = lm
+    longest = max(len(t.input_ids) for t in toks)
+    fc = OmegaConf.create({"batch_size": 4, "shard_size": 4, "max_batch_tokens": longest + 1})
+    sizes = []
+    real = passes.token_batches
+
+    def spy(todo, batch_size, max_tokens):
+        out = list(real(todo, batch_size, max_tokens))
+        sizes.extend((len(c), max(len(t.input_ids) for t in c), max_tokens) for c in out)
+        return out
+
+    monkeypatch.setattr(passes, "token_batches", spy)
+    j = lm_job(toks, tmp_path / "capped", answer_loss, 1, {"stage": "pool_loss"}, pad, fc, "x")
+    store = fill_store(load(), j)
+    assert sizes and {m for *_, m in sizes} == {longest + 1}
+    assert all(n * width <= longest + 1 or n == 1 for n, width, _ in sizes)
+    assert any(n == 1 for n, _, _ in sizes)  # the cap split batches the size alone would not
+    want = lm_pass(load().eval(), toks, pad, answer_loss, batch_size=4)
+    got = store.features(store.index([t.id for t in toks]))[:, 0]
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,12 @@ produce Adam features sketched to 8192 dimensions.
     one forward and one backward per batch with per-example gradients from hooks, the Adam
     transform, the sjlt sketch (nnz 4) to 8192, the fp16 store with checksums.
 
+(c) **plain LoRA training** on the same batches (forward, backward, AdamW step): the
+    yardstick of the second target, featurizing >= 1.0x training. A profile splits both into
+    their steps (training: forward + backward, optimizer; featurizing: forward + backward with
+    the per-example hooks, the Adam transform, the eps-share diagnostic and |g|, the sketch,
+    the store write), timed per batch with the same code ``featurize`` runs.
+
 Correctness mode (always run, on ``--check`` examples): both sides project with the same
 matrix (this framework's dense Rademacher ``Sketch``, i.e. the reference loop with our
 projector, and ``featurize`` with ``sketch.kind=rademacher``), and the features must agree up
@@ -37,9 +43,17 @@ import numpy as np
 import torch
 from featurize_bench import LORA, MODEL, examples  # noqa: E402  (same model and examples)
 
-from dataselect.features.featurize import Batching, featurize
-from dataselect.features.gradients import flat_adam_state, grad_dim, lora_parameters
+from dataselect.features.featurize import Batching, featurize, length_order
+from dataselect.features.gradients import (
+    eps_dominance,
+    flat_adam_state,
+    grad_dim,
+    lora_parameters,
+    per_example_grads,
+    to_features,
+)
 from dataselect.features.sketch import Sketch, SketchSpec
+from dataselect.features.store import StoreWriter
 from dataselect.models import load_base_model, load_tokenizer, with_lora
 from dataselect.training.data import collate
 
@@ -106,6 +120,59 @@ def ours(model, toks, pad_id, ckpt: Path, kind: str, out: Path) -> np.ndarray:
         dtype="float32" if kind == "rademacher" else "float16",
     )
     return store.features(store.index([t.id for t in toks]))
+
+
+PROFILE_STEPS = {
+    "train": ("forward + backward", "AdamW step"),
+    "featurize": (
+        "forward + backward, per-example hooks",
+        "Adam transform",
+        "eps share + |g|",
+        "sjlt sketch 8192",
+        "fp16 store write",
+    ),
+}
+
+
+def profile(model, toks, pad_id, adam, meta, out: Path, bs: int = 8) -> dict[str, list[float]]:
+    """Seconds per step (``PROFILE_STEPS``) of plain training and of featurizing, over the
+    same length-sorted batches of ``bs`` (``featurize``'s order), one after the other."""
+    batches = [length_order(toks)[i : i + bs] for i in range(0, len(toks), bs)]
+    D = grad_dim(model)
+    sketch = Sketch(SketchSpec("sjlt", D, 8192, seed=0, input_dtype="float16"))
+    params = [p for _, p in lora_parameters(model)]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    train, feat = [0.0, 0.0], [0.0] * 5
+    model.train()
+    for chunk in batches:
+        b = collate(chunk, pad_id)
+        t0 = time.perf_counter()
+        model(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        train[0] += t1 - t0
+        train[1] += time.perf_counter() - t1
+    model.eval()
+    writer = StoreWriter(out, 8192, len(toks), {"bench": "profile"}, "float16", 1024)
+    for chunk in batches:
+        b = collate(chunk, pad_id)
+        t = [time.perf_counter()]
+        g = per_example_grads(model, b)
+        t.append(time.perf_counter())
+        f = to_features(g, "adam", adam, betas=meta["betas"], eps=meta["eps"], step=None)
+        t.append(time.perf_counter())
+        eps_dominance(g, adam[1], meta["betas"], meta["eps"]).tolist()
+        g.norm(dim=1).tolist()
+        t.append(time.perf_counter())
+        s = sketch.project(f).cpu().numpy()
+        t.append(time.perf_counter())
+        writer.add([c.id for c in chunk], s, [1] * len(chunk), [0.0] * len(chunk))
+        t.append(time.perf_counter())
+        for i in range(5):
+            feat[i] += t[i + 1] - t[i]
+    writer.close()
+    return {"train": train, "featurize": feat}
 
 
 def warm_state(model, toks, pad_id, ckpt: Path, steps: int = 6) -> tuple[torch.Tensor, ...]:
@@ -194,6 +261,10 @@ def main() -> None:
         t0 = time.perf_counter()
         reference_loop(model, toks, pad, adam, lambda x: x[:, :1])
         t_noproj = time.perf_counter() - t0
+        meta = {"betas": BETAS, "eps": EPS}
+        profiles = [
+            profile(model, toks, pad, adam, meta, Path(tmp) / f"p{r}") for r in range(args.repeats)
+        ]
     ref_rate, our_rate = (float(np.median([r[i] for r in rows])) for i in range(2))
     noproj = len(toks) / t_noproj
     rows_out = [
@@ -204,6 +275,19 @@ def main() -> None:
     print("\n| path | examples/s | x reference |\n|---|---|---|")
     for what, rate in rows_out:
         print(f"| {what} | {rate:.3f} | {rate / ref_rate:.1f} |")
+    prof = {k: np.median([p[k] for p in profiles], axis=0) for k in PROFILE_STEPS}
+    t_train, t_feat = prof["train"].sum(), prof["featurize"].sum()
+    print(
+        f"\n| plain LoRA training, batch 8 (fwd+bwd+AdamW) | {len(toks) / t_train:.3f} | "
+        f"{len(toks) / t_train / ref_rate:.1f} |"
+    )
+    print(f"\nfeaturize / train (profiled passes, median of {args.repeats}): "
+          f"{t_train / t_feat:.2f}x\n")  # fmt: skip
+    print("| pass | step | s / batch of 8 | share of its pass |\n|---|---|---|---|")
+    n_b = math.ceil(len(toks) / 8)
+    for k, names in PROFILE_STEPS.items():
+        for name, sec in zip(names, prof[k], strict=True):
+            print(f"| {k} | {name} | {sec / n_b:.3f} | {sec / prof[k].sum():.0%} |")
     print(
         f"\ncorrectness: min cosine {cos.min():.6f} over {len(check)} examples "
         f"(same Rademacher matrix on both sides)"

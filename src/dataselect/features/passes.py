@@ -289,7 +289,7 @@ def lm_job(
         reduce=reduce,
         pad_id=pad_id,
         batch_size=int(fc.batch_size),
-        max_tokens=fc.get("max_tokens"),  # as before; conf names it max_batch_tokens: unset
+        max_tokens=fc.get("max_batch_tokens"),
         shard_size=int(fc.shard_size),
         what=what,
     )

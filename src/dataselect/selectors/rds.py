@@ -100,7 +100,7 @@ class HiddenStates(FeatureRequest[Paired]):
         def validation() -> np.ndarray:
             what = "validation hidden states"
             return lm_pass(
-                model(), vtoks, pad, reduce, int(fc.batch_size), fc.get("max_tokens"), what
+                model(), vtoks, pad, reduce, int(fc.batch_size), fc.get("max_batch_tokens"), what
             ).astype(np.float32)
 
         ids = [t.id for t in ptoks]

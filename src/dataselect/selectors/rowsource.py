@@ -106,7 +106,7 @@ class UnitRows:
 
     def _keep(self, rows: np.ndarray, unit: np.ndarray) -> None:
         for i, row in zip(rows.tolist(), unit, strict=True):
-            self._cache[i] = row
+            self._cache[i] = row.copy()  # a view would keep its whole block alive
             self._cache.move_to_end(i)
         while len(self._cache) > self.cache_rows:
             self._cache.popitem(last=False)
