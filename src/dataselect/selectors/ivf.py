@@ -215,7 +215,10 @@ class IVFIndex:
         sub = sub[np.argsort(cand[sub])]  # by row index: rank_by_dot breaks ties by position
         offsets = np.cumsum([0] + [len(R) for R, _ in parts])
         j = np.searchsorted(offsets, sub, side="right") - 1
-        raw = np.stack([parts[a][0][p - offsets[a]] for a, p in zip(j, sub, strict=True)])
+        raw = np.empty((len(sub), len(x)), dtype=np.float32)
+        for a in np.unique(j):  # the rows from each probed list at once
+            at = np.flatnonzero(j == a)
+            raw[at] = parts[a][0][sub[at] - offsets[a]]
         R = unit_of(self.X, cand[sub], raw)
         return cand[sub][rank_by_dot(R, x, None, k)[0]].astype(np.int32)
 

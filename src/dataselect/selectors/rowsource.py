@@ -169,9 +169,17 @@ class UnitRows:
         if self.store.dtype != np.float16:
             return R
         rows = np.asarray(rows, dtype=np.int64)
-        unit = self._unit(rows, R.astype(np.float64))
-        if self.cache_rows > 0:
-            self._keep(rows[-self.cache_rows :], unit[-self.cache_rows :])
+        if self.cache_rows <= 0:
+            return self._unit(rows, R.astype(np.float64))
+        unit = np.empty(R.shape, dtype=np.float32)
+        hit = np.fromiter((i in self._cache for i in rows.tolist()), bool, rows.size)
+        for p in np.flatnonzero(hit).tolist():  # kept rows: the same canonical bytes
+            unit[p] = self._cache[int(rows[p])]
+        miss = np.flatnonzero(~hit)
+        if miss.size:
+            unit[miss] = self._unit(rows[miss], R[miss].astype(np.float64))
+            keep = miss[-self.cache_rows :]
+            self._keep(rows[keep], unit[keep])
         return unit
 
     def _screen(self, rows: np.ndarray, raw: np.ndarray, Q: np.ndarray, precise: bool):
