@@ -62,13 +62,13 @@ def factorized_spec(model, factor: int | None, seed: int = 0, dim: int | None = 
     """The factorized sketch of ``model``'s LoRA weights (their (out, in) shapes, in
     ``lora_parameters`` order) with factor dimension ``factor``; ``factor=None`` takes the
     smallest factor whose output dimension reaches ``dim`` (``auto_factor``)."""
+    params = lora_parameters(model)
     if factor is None:
         if dim is None:
             raise ValueError("a factorized sketch needs a factor or a target dim")
-        factor = auto_factor([tuple(p.shape) for _, p in lora_parameters(model)], dim)
+        factor = auto_factor([tuple(p.shape) for _, p in params], dim)
     if factor < 1:
         raise ValueError(f"a factorized sketch needs factor >= 1, got {factor}")
-    params = lora_parameters(model)
     flat = [n for n, p in params if p.dim() != 2]
     if flat:
         raise ValueError(

@@ -148,24 +148,12 @@ def finish_projection(job: ProjectJob) -> None:
 
 
 def project_pool(
-    model,
-    examples: list[Tokenized],
-    P: np.ndarray,
-    out: Path,
-    spec: dict,
-    pad_id: int,
-    *,
-    gradient_type: str = "sgd",
-    checkpoint: Path | None = None,
-    batching: Batching = DEFAULT_BATCHING,
+    model, examples: list[Tokenized], P: np.ndarray, out: Path, spec: dict, pad_id: int, **kw
 ) -> GradientStore:
     """One pass in this process: coordinates P^T g (k floats per example) and |g| into a
-    store at ``out`` (resumed where a killed pass left it). ``checkpoint``: the epoch dir
-    whose optimizer state the adam type needs."""
-    job = project_job(
-        examples, P, out, spec, pad_id,
-        gradient_type=gradient_type, checkpoint=checkpoint, batching=batching,
-    )  # fmt: skip
+    store at ``out`` (resumed where a killed pass left it). Keywords: those of
+    ``project_job`` (``checkpoint``: the epoch dir whose optimizer state the adam type needs)."""
+    job = project_job(examples, P, out, spec, pad_id, **kw)
     try:
         return fill_store(model, job)
     finally:

@@ -36,8 +36,8 @@ DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 # Sketch kinds whose output dimension is ``features.sketch.dim`` exactly (``none``: D; a
-# factorized sketch: the dimension of its factor, about ``dim``; see ``sketch_spec``).
-DIM_IS_D = ("sjlt", "countsketch", "rademacher", "gaussian")
+# factorized sketch: that of its factor, at least ``dim``; see ``sketch_spec``).
+EXACT_DIM_KINDS = ("sjlt", "countsketch", "rademacher", "gaussian")
 
 # The spec keys two stores must share to be compared (the sketch includes its seed and dims).
 COMPARABLE = ("model", "checkpoint", "sketch", "layout")
@@ -194,7 +194,8 @@ class GradientStores(FeatureRequest[FeatureSet]):
 
     def estimate(self, cfg: DictConfig, sizes: Sizes) -> list[Planned]:
         fc = self.config(cfg)
-        dim = sizes.grad_dim if fc.sketch.kind == "none" else int(fc.sketch.dim)  # factorized: ~
+        # factorized: about dim (its factor's dimension is known once the model is loaded)
+        dim = sizes.grad_dim if fc.sketch.kind == "none" else int(fc.sketch.dim)
         per = DTYPE_BYTES.get(fc.dtype, 4)
 
         def nbytes(n):
@@ -262,7 +263,7 @@ class GradientStores(FeatureRequest[FeatureSet]):
                         **spec,
                         "gradient_type": gtype,
                         "sketch": {k: fc.sketch[k] for k in ("kind", "seed")}
-                        | ({"dim_out": fc.sketch.dim} if fc.sketch.kind in DIM_IS_D else {}),
+                        | ({"dim_out": fc.sketch.dim} if fc.sketch.kind in EXACT_DIM_KINDS else {}),
                     }
                 )
                 if stage == "features":
